@@ -1,0 +1,46 @@
+"""Pre-flight checks: every selected input is read once before a workflow is built.
+
+An unusable image (truncated, 4-D where 3-D is expected, all zero, all NaN) is removed from the
+run with a logged reason naming the file; the run goes on with the rest and ends with exit code
+65 so that the problem cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from qmri_bids.bids.discovery import Skipped, SubjectInputs
+from qmri_bids.errors import BadDataError, MissingInputError
+from qmri_bids.image_io import check_image_header
+
+LOGGER = logging.getLogger("qmri_bids.preflight")
+
+
+def preflight(subjects: list[SubjectInputs]) -> list[str]:
+    """Drop unusable inputs in place; return one message per dropped input."""
+    problems: list[str] = []
+    for inputs in subjects:
+        kept = []
+        for anat in inputs.anat:
+            try:
+                check_image_header(anat.path)
+            except (BadDataError, MissingInputError) as exc:
+                problems.append(str(exc))
+                inputs.skipped.append(Skipped(anat.suffix, anat.path, str(exc)))
+                LOGGER.error("skipping %s", exc)
+                continue
+            kept.append(anat)
+        inputs.anat = kept
+        kept_collections = []
+        for col in inputs.collections:
+            try:
+                for member in col.members:
+                    check_image_header(member.path, max_ndim=4 if col.suffix == "MRF" else 3)
+            except (BadDataError, MissingInputError) as exc:
+                problems.append(str(exc))
+                inputs.skipped.append(Skipped(col.label, member.path, str(exc)))
+                LOGGER.error("skipping collection %s: %s", col.label, exc)
+                continue
+            kept_collections.append(col)
+        inputs.collections = kept_collections
+    return problems
