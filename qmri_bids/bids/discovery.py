@@ -264,16 +264,74 @@ def _resolve_intended_for(value: Any, bids_dir: Path, subject: str) -> list[Path
     return [p.resolve() for p in out]
 
 
+# What a required field must hold: "bool" or a number with a lower bound (strict or not).
+# Units follow BIDS (seconds, degrees). A value of the wrong type (``"FlipAngle": "20"``) is a
+# problem of the sidecar, reported like a missing field rather than failing later in a model.
+_FIELD_RULES: dict[str, tuple[str, float | None, bool]] = {
+    "FlipAngle": ("number", 0.0, True),
+    "RepetitionTimeExcitation": ("number", 0.0, True),
+    "RepetitionTimePreparation": ("number", 0.0, True),
+    "EchoTime": ("number", 0.0, True),
+    "InversionTime": ("number", 0.0, False),
+    "NumberShots": ("number", 0.0, True),
+    "MTState": ("bool", None, False),
+}
+
+
+def _is_number(value: Any) -> bool:
+    import math
+
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+# Fields that may hold one value per member *or* a list: NumberShots (BIDS: per segment) and the
+# MR fingerprinting schedule (one value per time point; see MRF_CONVENTION.md).
+_LIST_FIELDS = {("MP2RAGE", "NumberShots"), ("MRF", "FlipAngle"),
+                ("MRF", "RepetitionTimeExcitation"), ("MRF", "EchoTime")}
+
+
+def _field_problem(key: str, value: Any, suffix: str = "") -> str | None:
+    kind, bound, strict = _FIELD_RULES.get(key, ("any", None, False))
+    if kind == "bool":
+        if not isinstance(value, bool):
+            return f"metadata field {key!r} must be true or false, got {value!r}"
+        return None
+    if kind == "number":
+        listed = (suffix, key) in _LIST_FIELDS and isinstance(value, list) and value
+        values = value if listed else [value]
+        if not all(_is_number(v) for v in values):
+            return f"metadata field {key!r} must be a number, got {value!r}"
+        if bound is not None and any((v <= bound) if strict else (v < bound) for v in values):
+            return (f"metadata field {key!r} must be {'>' if strict else '>='} {bound:g}, "
+                    f"got {value!r}")
+    return None
+
+
+def _mrf_schedule_tsv(member: Member) -> bool:
+    """An MRF series may keep its schedule in ``<prefix>_mrfschedule.tsv`` instead of arrays in
+    the sidecar (``qmri_bids.qmri.models.mrf.read_mrf_schedule``)."""
+    try:
+        from qmri_bids.qmri.models.mrf import schedule_tsv_path
+    except ImportError:
+        return False
+    return Path(schedule_tsv_path(member.path)).is_file()
+
+
 def _check_member_metadata(spec: CollectionSpec, member: Member) -> str | None:
     for key in spec.required_metadata:
-        if key in member.metadata:
-            continue
-        if key in _METADATA_FROM_ENTITY:
+        if key not in member.metadata and key in _METADATA_FROM_ENTITY:
             ent, mapping = _METADATA_FROM_ENTITY[key]
             if member.entities.get(ent) in mapping:
                 member.metadata[key] = mapping[member.entities[ent]]
+        if key not in member.metadata:
+            if (spec.suffix == "MRF" and key in ("FlipAngle", "RepetitionTimeExcitation", "EchoTime")
+                    and _mrf_schedule_tsv(member)):
                 continue
-        return f"required metadata field {key!r} is missing from its sidecar"
+            return f"required metadata field {key!r} is missing from its sidecar"
+        problem = _field_problem(key, member.metadata[key], spec.suffix)
+        if problem:
+            return problem
     return None
 
 

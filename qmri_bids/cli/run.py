@@ -229,8 +229,10 @@ def run_participant_level(config, log_file: Path) -> int:
     exit_code = EXIT_OK
     try:
         if to_run:
-            workflow = init_qmri_bids_wf(config, to_run)
+            # Before the workflow exists: Nipype copies its global config into every node at
+            # creation, and those copies win at run time.
             _configure_nipype(config)
+            workflow = init_qmri_bids_wf(config, to_run)
             if config.write_graph:
                 workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
             LOGGER.info("running %d participant(s) with the %s plugin %s",

@@ -34,13 +34,15 @@ def init_single_subject_wf(config: RunConfig, inputs: SubjectInputs) -> pe.Workf
         f"{config.version}, which uses Nipype and PyBIDS.\n"
     )
     log_dir = config.log_dir(inputs.subject)
-    workflow.config["execution"] = {
-        "crashdump_dir": str(log_dir),
-        "crashfile_format": "txt",
-    }
     for index, anat in enumerate(inputs.anat):
         workflow.add_nodes([init_anat_bias_wf(config, anat, name=f"anat_{index:02d}_"
                                               f"{anat.suffix}_bias_wf")])
+    # Nipype merges only the top workflow's config into nodes (node settings win), so the
+    # per-participant crash folder must be set on every node itself.
+    for node in workflow._get_all_nodes():
+        node.config = node.config or {}
+        node.config.setdefault("execution", {}).update(
+            {"crashdump_dir": str(log_dir), "crashfile_format": "txt"})
     return workflow
 
 
