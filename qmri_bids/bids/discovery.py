@@ -59,8 +59,8 @@ COLLECTION_SPECS: dict[str, CollectionSpec] = {
                        ("InversionTime", "FlipAngle", "RepetitionTimeExcitation",
                         "RepetitionTimePreparation", "NumberShots"),
                        description="MP2RAGE (T1, UNIT1)"),
-        CollectionSpec("MRF", (), ("FlipAngle", "RepetitionTimeExcitation", "EchoTime"),
-                       min_members=1, description="MR fingerprinting (T1, T2, M0)"),
+        CollectionSpec("MRF", ("part",), ("FlipAngle", "RepetitionTimeExcitation", "EchoTime"),
+                       min_members=2, description="MR fingerprinting (T1, T2, M0)"),
     )
 }
 
@@ -427,6 +427,11 @@ def _collection_problem(spec: CollectionSpec, collection: Collection) -> tuple[P
         states = {(m.entities.get("mt")) for m in members}
         if not {"on", "off"} <= states:
             return members[0].path, "an MTS collection needs mt-on and mt-off members"
+    if spec.suffix == "MRF":
+        parts = {m.entities.get("part") for m in members}
+        if parts not in ({"mag", "phase"}, {"real", "imag"}):
+            return members[0].path, ("an MRF series needs a part-mag/part-phase (or "
+                                     f"part-real/part-imag) pair, found parts {sorted(parts)}")
     if spec.suffix == "MTR":
         states = {m.entities.get("mt") for m in members}
         if states != {"on", "off"}:
@@ -467,19 +472,23 @@ def discover(
 def summary_table(results: list[SubjectInputs], planned: Mapping[str, list[str]] | None = None
                   ) -> str:
     """A per-participant plain-text table of what was found and what will run."""
+    planned = planned or {}
+    rows: list[tuple[str, str, str]] = []
     lines = []
     for res in results:
-        name = f"sub-{res.subject}" + (f" ses-{res.session}" if res.session else "")
-        lines.append(name)
+        rows = []
         for img in res.anat:
-            lines.append(f"  anat       {img.path.name:<45} -> {', '.join((planned or {}).get(str(img.path), [])) or '-'}")
+            rows.append(("anat", img.path.name, ", ".join(planned.get(str(img.path), [])) or "-"))
         for col in res.collections:
-            b1 = f" + {col.b1map.name}" if col.b1map else ""
-            lines.append(f"  {col.suffix:<10} {len(col.members)} members{b1:<34} -> "
-                         f"{', '.join((planned or {}).get(col.label, [])) or '-'}")
+            found = f"{len(col.members)} files" + (f" + {col.b1map.name}" if col.b1map else "")
+            rows.append((col.label, found, ", ".join(planned.get(col.label, [])) or "-"))
         for skip in res.skipped:
             where = skip.path.name if skip.path else ""
-            lines.append(f"  skipped    {skip.what} {where}: {skip.reason}")
-        if res.empty:
-            lines.append("  (nothing to process)")
+            rows.append(("skipped", f"{skip.what} {where}".strip(), skip.reason))
+        name = f"sub-{res.subject}" + (f" ses-{res.session}" if res.session else "")
+        lines.append(name if rows else f"{name}: nothing to process")
+        if rows:
+            w0 = max(len(r[0]) for r in rows)
+            w1 = max(len(r[1]) for r in rows)
+            lines.extend(f"  {a:<{w0}}  {b:<{w1}}  -> {c}" for a, b, c in rows)
     return "\n".join(lines)

@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                      dest="skip_bids_validation", help="do not run bids-validator")
 
     proc = parser.add_argument_group("processing")
-    proc.add_argument(*_both_spellings("--bias-method"), choices=BIAS_METHODS, default="n4",
+    proc.add_argument(*_both_spellings("--bias-method"), choices=BIAS_METHODS, default="cnn",
                       dest="bias_method",
                       help="bias-field correction: the implicitly trained CNN, N4, or both "
                            "side by side")

@@ -20,6 +20,7 @@ import torch
 
 from qmri_bids.bias.fields import random_bias_field
 from qmri_bids.bids.derivatives import atomic_write_json, atomic_write_text
+from qmri_bids.demo import qmri_collections
 from qmri_bids.demo.phantom import LABELS, Phantom, make_head_phantom
 from qmri_bids.qmri.models.mese import MESEMonoModel
 from qmri_bids.qmri.models.vfa import VFAModel
@@ -39,6 +40,12 @@ class DemoSettings:
     t1w_tr: float = 0.018
     t2w_tr: float = 4.0
     t2w_te: float = 0.09
+    qmri: bool = True  # add the VFA/TB1map/IRT1/MESE/MRF collections (qmri_collections.py)
+    qmri_slices: int = 8  # central axial slices of the VFA/IRT1/MESE slab
+    mrf_slices: int = 1
+    qmri_snr_wm: float = 100.0
+    mrf_snr_wm: float = 10.0
+    nist_mrf_dir: Path | None = None  # reference maps for the optional sub-nistmrf
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.float32) -> None:
@@ -110,7 +117,8 @@ def write_demo_dataset(out_dir: Path, settings: DemoSettings | None = None) -> P
         "Simulated BIDS dataset written by 'qmri-bids demo'. Digital head phantom (geometric "
         "shapes, literature tissue values at 3 T) imaged with a known smooth bias field and "
         "Rician noise. Ground truth in derivatives/groundtruth.\n"))
-    atomic_write_text(out_dir / ".bidsignore", "*_MRF.*\n*_mrfschedule.tsv\n")
+    atomic_write_text(out_dir / ".bidsignore", "*_MRF.nii.gz\n*_MRF.json\n*_mrfschedule.tsv\n"
+                      "*_mrfschedule.json\n")
     atomic_write_json(gt_dir / "dataset_description.json", {
         "Name": "qmri-bids demo ground truth",
         "BIDSVersion": "1.10.0",
@@ -150,8 +158,19 @@ def write_demo_dataset(out_dir: Path, settings: DemoSettings | None = None) -> P
         for name, suffix in (("t1", "T1map"), ("t2", "T2map"), ("t2star", "T2starmap"),
                              ("pd", "PDmap")):
             _save(getattr(phantom, name), phantom.affine, gt_anat / f"sub-{label}_{suffix}.nii.gz")
+        if settings.qmri:
+            qmri_collections.write_subject_collections(
+                out_dir, label, phantom, np.random.default_rng([settings.seed, index, 1]),
+                qmri_collections.QmriSettings(settings.qmri_slices, settings.mrf_slices,
+                                              settings.qmri_snr_wm, settings.mrf_snr_wm))
         rows.append(f"sub-{label}\t{settings.seed}\t{achieved:.3f}")
         LOGGER.info("demo: sub-%s written (field spread %.0f %%)", label, 100 * achieved)
+    if settings.qmri:
+        qmri_collections.write_groundtruth_readme(gt_dir)
+    if settings.nist_mrf_dir is not None and qmri_collections.write_nist_mrf_subject(
+            out_dir, settings.nist_mrf_dir, settings.seed,
+            qmri_collections.QmriSettings(mrf_snr_wm=settings.mrf_snr_wm)):
+        rows.append("sub-nistmrf\tn/a\tn/a")
     atomic_write_text(out_dir / "participants.tsv", "\n".join(rows) + "\n")
     atomic_write_json(out_dir / "participants.json", {
         "seed": {"Description": "seed of the simulation"},

@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from nipype.pipeline import engine as pe
+
+from qmri_bids.config import RunConfig
+from qmri_bids.interfaces.bias import CNNBiasCorrection
+
 
 def cnn_available() -> tuple[bool, str]:
-    """Whether the CNN core and its shipped weights are installed."""
-    try:
-        from qmri_bids.bias import inference  # noqa: F401
-        from qmri_bids.bias.weights import shipped_model_path
-    except ImportError as exc:
-        return False, f"the CNN bias-field model is not part of this installation ({exc})"
-    path = shipped_model_path()
+    """Whether the shipped CNN weights are installed (their integrity is checked at load)."""
+    from qmri_bids.bias.weights import resolve_model_path
+
+    path = resolve_model_path()
     if not path.exists():
-        return False, f"the shipped CNN weights {path} are missing"
+        return False, f"the shipped CNN weights {path} are missing (reinstall qmri-bids)"
     return True, ""
+
+
+def cnn_bias_node(config: RunConfig, mem_gb: float) -> pe.Node:
+    """One CNN node; on a GPU it takes one of MultiProc's GPU slots (``use_gpu``)."""
+    return pe.Node(
+        CNNBiasCorrection(device=config.device, use_gpu=config.use_gpu,
+                          n_threads=config.omp_nthreads),
+        name="cnn",
+        mem_gb=mem_gb,
+        n_procs=1 if config.use_gpu else config.omp_nthreads,
+    )
