@@ -33,11 +33,13 @@ LOGGER = logging.getLogger("qmri_bids")
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
+    # ``qmri-bids demo out participant`` on a BIDS folder named "demo" is a BIDS-App call.
+    app_call = len(argv) >= 3 and argv[2] in ("participant", "group") and Path(argv[0]).is_dir()
+    if argv and argv[0] == "demo" and not app_call:
         from qmri_bids.demo.cli import demo_main
 
         return _guarded(lambda: demo_main(argv[1:]))
-    if argv and argv[0] == "train":
+    if argv and argv[0] == "train" and not app_call:
         from qmri_bids.cli.train import train_main
 
         return _guarded(lambda: train_main(argv[1:]))
@@ -227,6 +229,7 @@ def run_participant_level(config, log_file: Path) -> int:
     print(summary_table(subjects, planned_outputs(config, subjects)), flush=True)
     to_run = [s for s in subjects if not s.empty]
     exit_code = EXIT_OK
+    submitted = False
     try:
         if to_run:
             # Before the workflow exists: Nipype copies its global config into every node at
@@ -245,6 +248,12 @@ def run_participant_level(config, log_file: Path) -> int:
                     f"{config.output_dir}/sub-<label>/log/{config.run_id}/"
                 ) from exc
             boilerplate = describe(workflow)
+            if config.plugin.endswith("Graph"):
+                # Graph plugins (SLURMGraph, SGEGraph...) only submit jobs and return.
+                submitted = True
+                LOGGER.warning("the %s plugin submitted the jobs and returned: outputs appear "
+                               "when the cluster has run them; check them with 'qmri-bids %s "
+                               "%s group'", config.plugin, config.bids_dir, config.output_dir)
         else:
             boilerplate = ""
         if bad:
@@ -266,8 +275,10 @@ def run_participant_level(config, log_file: Path) -> int:
             atomic_write_text(config.output_dir / "logs" / "CITATION.md", boilerplate + "\n")
         atomic_write_json(config.output_dir / "logs" / f"run_{config.run_id}.json",
                           {"run_id": config.run_id, "exit_code": exit_code,
+                           "status": "submitted" if submitted else (
+                               "finished" if exit_code == EXIT_OK else "failed"),
                            "participants": [s.subject for s in subjects]})
-    if exit_code == EXIT_OK:
+    if exit_code == EXIT_OK and not submitted:
         LOGGER.info("done: derivatives in %s", config.output_dir)
     return exit_code
 

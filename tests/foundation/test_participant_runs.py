@@ -30,7 +30,7 @@ def demo_run(demo_dir, tmp_path_factory) -> dict:
     out, work = base / "out", base / "work"
     before = snapshot(demo_dir)
     code, stdout, stderr = cli([demo_dir, out, "participant", "-w", work, "--nprocs", "2",
-                                "--omp-nthreads", "1"])
+                                "--omp-nthreads", "1", "--bias-method", "both"])
     runs = sorted((out / "logs").glob("run_*.json"))
     return {"code": code, "stdout": stdout, "stderr": stderr, "out": out, "work": work,
             "bids": demo_dir, "input_before": before,
@@ -62,7 +62,8 @@ def real_run(ds_real, tmp_path_factory) -> dict:
     cwd.mkdir()
     before = snapshot(ds_real)
     proc = _console([ds_real, out, "participant", "-w", work, "--participant-label", "neck01",
-                     "balls01", "--nprocs", "2", "--omp-nthreads", "1"], home, cwd)
+                     "balls01", "--nprocs", "2", "--omp-nthreads", "1", "--bias-method", "n4"],
+                    home, cwd)
     runs = sorted((out / "logs").glob("run_*.json"))
     return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "out": out,
             "work": work, "bids": ds_real, "home": home, "cwd": cwd, "input_before": before,
@@ -81,7 +82,7 @@ def real_rerun(real_run) -> dict:
     time.sleep(0.05)  # so that a re-executed node would get a different mtime
     proc = _console([real_run["bids"], real_run["out"], "participant", "-w", real_run["work"],
                      "--participant-label", "neck01", "balls01", "--nprocs", "2",
-                     "--omp-nthreads", "1", "--skip-bids-validation"],
+                     "--omp-nthreads", "1", "--skip-bids-validation", "--bias-method", "n4"],
                     real_run["home"], real_run["cwd"])
     return {"code": proc.returncode, "stderr": proc.stderr, "before": before,
             "after": _node_results(real_run["work"])}
