@@ -40,7 +40,9 @@ class RunConfig:
     mem_gb: float = 4.0
     device: str = "cpu"
     device_reason: str = ""
-    bias_methods: tuple[str, ...] = ("n4",)
+    bias_methods: tuple[str, ...] = ("cnn",)
+    qmri_estimators: tuple[str, ...] = ("nn",)
+    model_dir: Path | None = None
     skip_bids_validation: bool = False
     stop_on_first_crash: bool = False
     plugin: str = "MultiProc"
@@ -49,6 +51,10 @@ class RunConfig:
     verbose: int = 0
     run_id: str = field(default_factory=make_run_id)
     version: str = __version__
+
+    def __post_init__(self) -> None:
+        if self.model_dir is None:
+            self.model_dir = self.work_dir / "models"
 
     @property
     def use_gpu(self) -> bool:

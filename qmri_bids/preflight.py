@@ -12,6 +12,7 @@ import logging
 from qmri_bids.bids.discovery import Skipped, SubjectInputs
 from qmri_bids.errors import BadDataError, MissingInputError
 from qmri_bids.image_io import check_image_header
+from qmri_bids.qmri.mapping import resolve_model
 
 LOGGER = logging.getLogger("qmri_bids.preflight")
 
@@ -36,6 +37,8 @@ def preflight(subjects: list[SubjectInputs]) -> list[str]:
             try:
                 for member in col.members:
                     check_image_header(member.path, max_ndim=4 if col.suffix == "MRF" else 3)
+                # The protocol must make sense before any estimator is looked up or trained.
+                resolve_model(col)
             except (BadDataError, MissingInputError) as exc:
                 problems.append(str(exc))
                 inputs.skipped.append(Skipped(col.label, member.path, str(exc)))

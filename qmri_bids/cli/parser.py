@@ -89,6 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
                       dest="bias_method",
                       help="bias-field correction: the implicitly trained CNN, N4, or both "
                            "side by side")
+    proc.add_argument(*_both_spellings("--qmri-estimator"), choices=("nn", "nlls", "dict", "all"),
+                      default="nn", dest="qmri_estimator",
+                      help="qMRI maps: the CRB-trained network only, or also NLLS (desc-nlls) "
+                           "or dictionary matching (desc-dict, MRF and MESE), or all")
+    proc.add_argument(*_both_spellings("--model-dir"), type=Path, dest="model_dir",
+                      help="cache of estimators trained for protocols that no shipped model "
+                           "matches (default: <work-dir>/models)")
     proc.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
                       help="where networks run; auto picks a CUDA GPU when one is usable")
 

@@ -166,6 +166,9 @@ def build_config(args):
         device=device,
         device_reason=device_reason,
         bias_methods=methods,
+        qmri_estimators=(("nn", "nlls", "dict") if args.qmri_estimator == "all"
+                         else tuple(dict.fromkeys(("nn", args.qmri_estimator)))),
+        model_dir=args.model_dir.expanduser().resolve() if args.model_dir else None,
         skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash,
         plugin=plugin,

@@ -121,3 +121,117 @@ def _stem(path: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+class _MakeBiasDataInputSpec(BaseInterfaceInputSpec):
+    config = traits.Dict(mandatory=True, desc="TrainConfig.to_dict()")
+
+
+class _MakeBiasDataOutputSpec(TraitedSpec):
+    pool_file = File(exists=True, desc="training images and masks (safetensors)")
+    validation_file = File(exists=True, desc="held-out images, masks and fields (safetensors)")
+
+
+class MakeBiasTrainingData(SimpleInterface):
+    """Render the non-medical training pool (dead leaves + bundled photos) and the held-out set."""
+
+    input_spec = _MakeBiasDataInputSpec
+    output_spec = _MakeBiasDataOutputSpec
+
+    def _run_interface(self, runtime):
+        from safetensors.torch import save_file
+
+        from qmri_bids.bias.train import TrainConfig, validation_set
+        from qmri_bids.bias.training_data import TrainingPool
+
+        cfg = TrainConfig.from_dict(self.inputs.config)
+        pool = TrainingPool.build(cfg.net.in_size, cfg.n_dead_leaves, cfg.n_photo_crops,
+                                  cfg.n_masks, seed=cfg.seed, p_background=cfg.p_background)
+        vset = validation_set(cfg.net.in_size, length_scale=cfg.length_scale)
+        pool_file = Path(runtime.cwd) / "pool.safetensors"
+        val_file = Path(runtime.cwd) / "validation.safetensors"
+        save_file({"images": pool.images.contiguous(), "masks": pool.masks.contiguous()},
+                  str(pool_file))
+        save_file({k: v.contiguous() for k, v in vset.items()}, str(val_file))
+        self._results.update(pool_file=str(pool_file), validation_file=str(val_file))
+        return runtime
+
+
+class _TrainBiasInputSpec(BaseInterfaceInputSpec):
+    config = traits.Dict(mandatory=True)
+    pool_file = File(exists=True, mandatory=True)
+    validation_file = File(exists=True, mandatory=True)
+    checkpoint_dir = traits.Str(mandatory=True, desc="checkpoints (resume from here)")
+    max_wall_s = traits.Float(desc="training wall-time budget")
+    n_threads = traits.Int(1, usedefault=True)
+
+
+class _TrainBiasOutputSpec(TraitedSpec):
+    weights = File(exists=True, desc="trained weights (safetensors, not yet a shipped model)")
+    summary = traits.Dict()
+
+
+class TrainBiasCNN(SimpleInterface):
+    """Implicit training (Simkó et al.), resumable from ``checkpoint_dir``."""
+
+    input_spec = _TrainBiasInputSpec
+    output_spec = _TrainBiasOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+        from safetensors.torch import load_file, save_file
+        from traits.api import Undefined
+
+        from qmri_bids.bias.train import TrainConfig, train
+        from qmri_bids.bias.training_data import TrainingPool
+
+        torch.set_num_threads(max(1, self.inputs.n_threads))
+        cfg = TrainConfig.from_dict(self.inputs.config)
+        tensors = load_file(self.inputs.pool_file)
+        pool = TrainingPool(tensors["images"], tensors["masks"], cfg.p_background)
+        vset = load_file(self.inputs.validation_file)
+        budget = None if self.inputs.max_wall_s is Undefined else self.inputs.max_wall_s
+        net, summary = train(cfg, self.inputs.checkpoint_dir, resume=True, max_wall_s=budget,
+                             pool=pool, vset=vset, validate_every=cfg.checkpoint_every)
+        weights = Path(runtime.cwd) / "trained.safetensors"
+        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()},
+                  str(weights))
+        self._results.update(weights=str(weights), summary=summary)
+        return runtime
+
+
+class _ExportBiasInputSpec(BaseInterfaceInputSpec):
+    config = traits.Dict(mandatory=True)
+    weights = File(exists=True, mandatory=True)
+    validation_file = File(exists=True, mandatory=True)
+    summary = traits.Dict(mandatory=True)
+    out_file = traits.Str(mandatory=True, desc="destination .safetensors (card written beside)")
+
+
+class _ExportBiasOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+    card = File(exists=True)
+    validation = traits.Dict()
+
+
+class ValidateExportBiasCNN(SimpleInterface):
+    """Validate on held-out images, then write the safetensors weights and the model card."""
+
+    input_spec = _ExportBiasInputSpec
+    output_spec = _ExportBiasOutputSpec
+
+    def _run_interface(self, runtime):
+        from safetensors.torch import load_file
+
+        from qmri_bids.bias.cnn import BiasNet, FusionConfig
+        from qmri_bids.bias.train import TrainConfig, export_model, validate
+
+        cfg = TrainConfig.from_dict(self.inputs.config)
+        net = BiasNet(cfg.net)
+        net.load_state_dict(load_file(self.inputs.weights))
+        metrics = validate(net, load_file(self.inputs.validation_file))
+        out = export_model(net, self.inputs.out_file, cfg, self.inputs.summary, metrics,
+                           FusionConfig(), notes="trained by 'qmri-bids train bias'")
+        self._results.update(out_file=str(out), card=str(Path(out).with_suffix(".json")),
+                             validation=metrics)
+        return runtime

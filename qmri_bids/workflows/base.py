@@ -9,6 +9,7 @@ from nipype.pipeline import engine as pe
 from qmri_bids.bids.discovery import SubjectInputs
 from qmri_bids.config import RunConfig, version_tag
 from qmri_bids.workflows.anatomical import init_anat_bias_wf
+from qmri_bids.workflows.qmri import init_qmri_map_wf
 
 
 def init_qmri_bids_wf(config: RunConfig, subjects: list[SubjectInputs]) -> pe.Workflow:
@@ -37,6 +38,9 @@ def init_single_subject_wf(config: RunConfig, inputs: SubjectInputs) -> pe.Workf
     for index, anat in enumerate(inputs.anat):
         workflow.add_nodes([init_anat_bias_wf(config, anat, name=f"anat_{index:02d}_"
                                               f"{anat.suffix}_bias_wf")])
+    for index, collection in enumerate(inputs.collections):
+        workflow.add_nodes([init_qmri_map_wf(config, collection,
+                                             name=f"qmri_{index:02d}_{collection.suffix}_wf")])
     # Nipype merges only the top workflow's config into nodes (node settings win), so the
     # per-participant crash folder must be set on every node itself.
     for node in workflow._get_all_nodes():
@@ -53,8 +57,23 @@ def planned_outputs(config: RunConfig, subjects: list[SubjectInputs]) -> dict[st
         for anat in inputs.anat:
             plan[str(anat.path)] = [f"bias {m}" for m in config.bias_methods]
         for col in inputs.collections:
-            plan[col.label] = ["(qMRI mapping: not yet available)"]
+            plan[col.label] = _qmri_plan(config, col)
     return plan
+
+
+def _qmri_plan(config: RunConfig, collection) -> list[str]:
+    from qmri_bids.errors import BadDataError
+    from qmri_bids.workflows.qmri import estimator_plan
+
+    if collection.suffix in ("MTR", "MP2RAGE"):
+        return ["map (closed form)"]
+    try:
+        name, _, found = estimator_plan(config, collection)
+    except BadDataError as exc:
+        return [f"map: protocol problem ({exc})"]
+    ests = [e for e in config.qmri_estimators if e != "nn"]
+    net = f"network {found.stem}" if found else f"train {name} network, then map"
+    return [net, *ests]
 
 
 def describe(workflow: pe.Workflow) -> str:

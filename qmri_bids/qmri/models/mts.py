@@ -61,6 +61,18 @@ class MTSModel(SignalModel):
         mtsat = (amp * a_mt / s_mt - 1) * r1 * tr_mt - a_mt**2 / 2
         return {"MTsat": mtsat, "A": amp, "R1": r1, "T1": 1.0 / r1}
 
+    def mtsat(self, s_mt: torch.Tensor, amplitude: torch.Tensor, t1: torch.Tensor,
+              b1: torch.Tensor | None = None) -> torch.Tensor:
+        """MTsat of the MT-weighted signal given A (≈ M0) and T1 from any estimator (Helms eq. 7).
+
+        Lets the mapping use T1/M0 of a better estimator (exact SPGR fit or a network) of the
+        two mt-off members instead of the small-angle closed form.
+        """
+        k = b1_factor(b1, s_mt[..., None])[..., 0] if b1 is not None else 1.0
+        a_mt = k * like(self.flip_angle_deg, s_mt)[self.index_mt] * DEG
+        tr_mt = like(self.tr, s_mt)[self.index_mt]
+        return (amplitude * a_mt / s_mt - 1) * tr_mt / t1 - a_mt**2 / 2
+
     def initial_guess(self, data: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         m = self.maps(data, b1)
         lo, hi = self.bounds(data.dtype, data.device)
