@@ -6,7 +6,8 @@ import os as _os
 _os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 try:
-    from importlib.metadata import PackageNotFoundError, version as _pkg_version
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _pkg_version
 
     __version__ = _pkg_version("qmri-bids")
 except PackageNotFoundError:  # running from a source tree that was never installed

@@ -25,36 +25,9 @@ import torch
 
 from qmri_bids.bias.cnn import BiasNet, FusionConfig, apply_to_volume
 from qmri_bids.bias.weights import BiasModel
-from qmri_bids.errors import BadDataError, UsageError
+from qmri_bids.errors import BadDataError
 
 log = logging.getLogger("qmri_bids.bias")
-
-
-def select_device(requested: str = "auto") -> tuple[torch.device, str]:
-    """``auto|cpu|cuda[:N]`` -> (device, human-readable reason). CUDA without a GPU is a usage
-    error (exit 64), never a silent CPU fallback: the user asked for something specific."""
-    req = (requested or "auto").strip().lower()
-    cuda_ok = torch.cuda.is_available()
-    if req == "auto":
-        if cuda_ok:
-            return torch.device("cuda"), f"auto: CUDA available ({torch.cuda.get_device_name(0)})"
-        why = ("torch was built without CUDA" if torch.version.cuda is None
-               else "no CUDA device is visible")
-        return torch.device("cpu"), f"auto: using CPU because {why} (torch {torch.__version__})"
-    if req == "cpu":
-        return torch.device("cpu"), "cpu requested"
-    if req == "cuda" or req.startswith("cuda:"):
-        if not cuda_ok:
-            build = ("this torch build has no CUDA support" if torch.version.cuda is None
-                     else f"torch is built for CUDA {torch.version.cuda} but sees no GPU")
-            raise UsageError(f"device '{requested}' requested but no CUDA GPU is available "
-                             f"({build}); use --device cpu or --device auto")
-        dev = torch.device(req)
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"device '{requested}' requested but only "
-                             f"{torch.cuda.device_count()} CUDA device(s) exist")
-        return dev, f"{req} requested ({torch.cuda.get_device_name(dev.index or 0)})"
-    raise UsageError(f"unknown device '{requested}': choose auto, cpu or cuda")
 
 
 def _as_3d(image: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, tuple[float, ...]]:

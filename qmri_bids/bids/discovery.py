@@ -132,8 +132,7 @@ def normalise_labels(labels: Iterable[str] | None, prefix: str) -> list[str] | N
     out: list[str] = []
     for raw in labels:
         label = raw.strip()
-        if label.startswith(prefix):
-            label = label[len(prefix):]
+        label = label.removeprefix(prefix)
         if not label or not re.fullmatch(r"[A-Za-z0-9]+", label):
             raise UsageError(f"invalid {prefix.rstrip('-')} label {raw!r}: must be alphanumeric")
         if label not in out:

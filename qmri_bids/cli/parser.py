@@ -14,7 +14,7 @@ from qmri_bids.device import DEVICE_CHOICES
 class _Parser(argparse.ArgumentParser):
     """argparse exits with 2 on a usage error; the BIDS-Apps spec asks for 64."""
 
-    def error(self, message: str):  # noqa: D102
+    def error(self, message: str):
         self.print_usage()
         self.exit(64, f"{self.prog}: error: {message}\n")
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # before anything imports nipype: no telemetry
 
-from qmri_bids import __version__  # noqa: E402
-from qmri_bids.errors import (  # noqa: E402
+from qmri_bids import __version__
+from qmri_bids.errors import (
     EXIT_NODE_FAILED,
     EXIT_OK,
     BadDataError,

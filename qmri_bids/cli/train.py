@@ -23,7 +23,7 @@ LOGGER = logging.getLogger("qmri_bids")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # noqa: D102 - usage errors exit 64 (BIDS-Apps spec)
+    def error(self, message: str):
         self.print_usage()
         self.exit(64, f"{self.prog}: error: {message}\n")
 

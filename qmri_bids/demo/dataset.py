@@ -9,7 +9,6 @@ Rician noise. The truth — bias field, tissue labels and parameter maps — goe
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path

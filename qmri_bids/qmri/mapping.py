@@ -129,7 +129,6 @@ def resolve_model(collection):
         member = collection.members[0]
         model = MRFModel(read_mrf_schedule(member.path, member.metadata), estimate_b1=False)
     else:
-        kept, excluded = pr.select_consistent_members(collection)
         protocol = pr.protocol_from_collection(collection)
         model = (protocol.t1_pair().model() if isinstance(protocol, pr.MTSProtocol)
                  else protocol.model())

@@ -352,4 +352,4 @@ def test_config_json_round_trip(tiny, tmp_path):
     assert payload["participant_labels"] == ["02"]
     assert payload["mem_gb"] == 4.0
     assert payload["bids_dir"] == str(tiny.resolve())
-    assert payload["bias_methods"] == ["n4"]
+    assert payload["bias_methods"] == ["cnn"]  # the default method

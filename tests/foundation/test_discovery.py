@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -135,23 +136,50 @@ def test_balls01_anatomicals_only(found):
     assert [a.metadata for a in res.anat] == [_sidecar(a.path) for a in res.anat]
 
 
+def _table_rows(lines: list[str]) -> list[list[str]]:
+    """The rows of a summary table (indented lines), split into (kind, found, plan)."""
+    rows = []
+    for line in lines:
+        if line.startswith("  "):
+            head, arrow, plan = line.partition("  -> ")
+            assert arrow, f"row without a plan column: {line!r}"
+            kind, found = head.strip().split(None, 1)
+            rows.append([kind, found.strip(), plan])
+    return rows
+
+
 def test_summary_table(found):
     table = summary_table(list(found.values()))
     lines = table.splitlines()
-    for sub in ALL_SUBJECTS:
-        assert f"sub-{sub}" in lines
-    assert any("MTS" in line and "3 members" in line for line in lines)
-    assert any("VFA" in line and "2 members" in line and "sub-brain02_TB1map.nii.gz" in line
-               for line in lines)
-    assert any("IRT1" in line and "19 members" in line for line in lines)
-    assert any("IRT1" in line and "9 members" in line for line in lines)
-    assert any("MESE" in line and "10 members" in line for line in lines)
-    assert any("MTR" in line and "2 members" in line for line in lines)
-    assert sum("sub-neck01_" in line and "anat" in line for line in lines) == 3
+    # one header line per participant (none has nothing to process), the rows indented below it
+    headers = [line for line in lines if not line.startswith("  ")]
+    assert headers == [f"sub-{sub}" for sub in found]
+    assert sorted(headers) == [f"sub-{sub}" for sub in ALL_SUBJECTS]
+    rows = _table_rows(lines)
+    assert len(rows) + len(headers) == len(lines)
+    assert ["MTS", "3 files", "-"] in rows
+    assert ["VFA", "2 files + sub-brain02_TB1map.nii.gz", "-"] in rows
+    assert ["IRT1", "19 files", "-"] in rows
+    assert ["IRT1", "9 files", "-"] in rows
+    assert ["MESE", "10 files", "-"] in rows
+    assert ["MTR", "2 files", "-"] in rows
+    assert sum(r[0] == "anat" and r[1].startswith("sub-neck01_") for r in rows) == 3
+    assert not any(r[0] == "skipped" for r in rows)
+    # the columns are aligned within each participant's block: every "->" at the same offset
+    block: list[str] = []
+    for line in [*lines, "END"]:
+        if not line.startswith("  "):
+            assert len({row.index("  -> ") for row in block}) <= 1, block
+            block = []
+        else:
+            block.append(line)
     # planned outputs appear next to the inputs
     res = found["balls01"]
     planned = {str(a.path): ["bias n4"] for a in res.anat}
-    assert sum("-> bias n4" in line for line in summary_table([res], planned).splitlines()) == 2
+    planned_lines = summary_table([res], planned).splitlines()
+    assert planned_lines[0] == "sub-balls01"
+    assert _table_rows(planned_lines) == [
+        ["anat", a.path.name, "bias n4"] for a in res.anat]
 
 
 def test_selected_subjects_only_are_indexed(ds_real, tmp_path):
@@ -172,15 +200,28 @@ def test_discovery_writes_nothing_into_the_dataset(ds_real, tmp_path):
 
 
 # ------------------------------------------------------------- metadata checks (synthetic data)
-def _mrf_dataset(root: Path, meta: dict, with_tsv: bool) -> Path:
+MRF_PAIR = ("part-mag", "part-phase")
+
+
+def _mrf_dataset(root: Path, meta: dict, with_tsv: bool, parts=MRF_PAIR) -> Path:
+    """A dataset with one MRF series: one file per ``part`` (``None``: no part entity).
+
+    By default a part-mag/part-phase pair, as MRF_CONVENTION.md requires, sharing ``meta``.
+    """
     import numpy as np
 
     from ._helpers import make_tiny_bids, save_nifti
 
     ds = make_tiny_bids(root, subjects=("01",), shape=(8, 8, 4), suffixes=())
     anat = ds / "sub-01" / "anat"
-    save_nifti(anat / "sub-01_MRF.nii.gz", np.random.default_rng(0).random((8, 8, 1, 5)) + 1)
-    (anat / "sub-01_MRF.json").write_text(json.dumps(meta))
+    rng = np.random.default_rng(0)
+    for part in parts:
+        stem = "sub-01" + (f"_{part}" if part else "") + "_MRF"
+        data = rng.random((8, 8, 1, 5))
+        data = data * 2 * np.pi - np.pi if part == "part-phase" else data + 1
+        save_nifti(anat / f"{stem}.nii.gz", data)
+        sidecar = {**meta, "Units": "rad"} if part == "part-phase" else meta
+        (anat / f"{stem}.json").write_text(json.dumps(sidecar))
     if with_tsv:
         (anat / "sub-01_mrfschedule.tsv").write_text(
             "FlipAngle\tRepetitionTimeExcitation\n" + "".join(f"{10 + i}\t0.012\n"
@@ -188,9 +229,12 @@ def _mrf_dataset(root: Path, meta: dict, with_tsv: bool) -> Path:
     return ds
 
 
+MRF_META = {"FlipAngle": [10, 20, 30, 40, 50], "RepetitionTimeExcitation": [0.012] * 5,
+            "EchoTime": 0.002}
+
+
 @pytest.mark.parametrize("meta, with_tsv, found_mrf, missing", [
-    ({"FlipAngle": [10, 20, 30, 40, 50], "RepetitionTimeExcitation": [0.012] * 5,
-      "EchoTime": 0.002}, False, True, None),
+    (MRF_META, False, True, None),
     ({"EchoTime": 0.002}, True, True, None),  # schedule in _mrfschedule.tsv
     ({"EchoTime": 0.002}, False, False, "FlipAngle"),
     ({"FlipAngle": [10, "x"], "RepetitionTimeExcitation": 0.012, "EchoTime": 0.002}, False,
@@ -200,7 +244,13 @@ def test_mrf_schedule_metadata(tmp_path, meta, with_tsv, found_mrf, missing):
     ds = _mrf_dataset(tmp_path / "ds", meta, with_tsv)
     (res,) = discover(ds, tmp_path / "db", ["01"]) if found_mrf else (None,)
     if found_mrf:
-        assert [c.suffix for c in res.collections] == ["MRF"]
+        (col,) = res.collections
+        assert col.suffix == "MRF"
+        # one collection of the pair, grouped by the part entity (mag first)
+        assert _names(m.path for m in col.members) == [
+            "sub-01_part-mag_MRF.nii.gz", "sub-01_part-phase_MRF.nii.gz"]
+        assert col.label == "MRF"
+        assert res.skipped == []
     else:
         with pytest.raises(NothingSelectedError):
             discover(ds, tmp_path / "db2", ["01"])
@@ -209,4 +259,50 @@ def test_mrf_schedule_metadata(tmp_path, meta, with_tsv, found_mrf, missing):
         layout = build_layout(ds, tmp_path / "db3", ["01"])
         res = discover_subject(layout, ds, "01", None)
         (skip,) = res.skipped
-        assert skip.path.name == "sub-01_MRF.nii.gz" and missing in skip.reason
+        assert skip.what == "MRF"
+        assert skip.path.name == "sub-01_part-mag_MRF.nii.gz" and missing in skip.reason
+
+
+class _Records(logging.Handler):
+    """Collects the records of one logger (the CLI turns off propagation of 'qmri_bids', so
+    pytest's caplog, which listens on the root logger, may miss them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.parametrize("parts, reason", [
+    ((None,), "at least 2 members, found 1"),  # a lone sub-01_MRF.nii.gz
+    (("part-mag",), "at least 2 members, found 1"),  # half of a pair
+    (("part-mag", "part-imag"), "part-mag/part-phase"),  # not a pair that goes together
+])
+def test_mrf_without_a_pair_is_skipped_with_a_logged_reason(tmp_path, parts, reason):
+    ds = _mrf_dataset(tmp_path / "ds", MRF_META, False, parts=parts)
+    from qmri_bids.bids.discovery import build_layout, discover_subject
+
+    logger = logging.getLogger("qmri_bids.discovery")
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        layout = build_layout(ds, tmp_path / "db", ["01"])
+        res = discover_subject(layout, ds, "01", None)
+    finally:
+        logger.removeHandler(records)
+    assert res.collections == [] and res.empty
+    (skip,) = res.skipped
+    # the reason names the first member in the collection's (part-sorted) order
+    first = min("sub-01" + (f"_{part}" if part else "") + "_MRF.nii.gz" for part in parts)
+    assert skip.what == "MRF" and skip.path.name == first
+    assert reason in skip.reason
+    warnings = [r.getMessage() for r in records.records if r.levelno == logging.WARNING]
+    assert any("sub-01" in m and "skipping MRF" in m and first in m and reason in m
+               for m in warnings), warnings
+    # the summary table shows the skip and why; the participant has nothing else
+    assert summary_table([res]).splitlines() == [
+        "sub-01", f"  skipped  MRF {first}  -> {skip.reason}"]
+    with pytest.raises(NothingSelectedError):
+        discover(ds, tmp_path / "db2", ["01"])

@@ -19,6 +19,8 @@ import pytest
 from ._helpers import cli, make_tiny_bids
 
 
+# These tests look at the N4 node (its folder, its hash file, its core function), so they ask for
+# N4 explicitly: the default method is the CNN.
 def _n4_hash_file(work: Path) -> Path:
     (path,) = work.glob("qmri_bids_*_wf/sub_01_wf/anat_00_T1w_bias_wf/n4/_0x*.json")
     return path
@@ -34,7 +36,7 @@ def test_hash_method_content_is_applied(tmp_path):
     ds = make_tiny_bids(tmp_path / "ds", subjects=("01",))
     work = tmp_path / "w"
     proc = subprocess.run([exe, str(ds), str(tmp_path / "out"), "participant", "-w", str(work),
-                           "--skip-bids-validation", "--nprocs", "1"], check=False,
+                           "--skip-bids-validation", "--nprocs", "1", "--bias-method", "n4"], check=False,
                           capture_output=True,
                           text=True, timeout=300, cwd=tmp_path,
                           env={**os.environ, "HOME": str(tmp_path)})
@@ -55,7 +57,8 @@ def test_in_process_rerun_reuses_cache(tmp_path):
     ncfg.set_default_config()
     ds = make_tiny_bids(tmp_path / "ds", subjects=("01",))
     work, out = tmp_path / "w", tmp_path / "out"
-    argv = [ds, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "1"]
+    argv = [ds, out, "participant", "-w", work, "--skip-bids-validation", "--nprocs", "1",
+            "--bias-method", "n4"]
     assert cli(argv)[0] == 0
     (result,) = work.glob("qmri_bids_*_wf/sub_01_wf/anat_00_T1w_bias_wf/n4/result_n4.pklz")
     before = result.stat().st_mtime_ns
@@ -74,7 +77,8 @@ def test_crash_files_go_to_the_participant_log_dir(tmp_path, monkeypatch):
     out = tmp_path / "out"
     monkeypatch.setattr(n4_module, "n4_correct", broken)
     code = cli([ds, out, "participant", "-w", tmp_path / "w", "--skip-bids-validation",
-                "--nprocs", "1", "--use-plugin", _linear_plugin(tmp_path)])[0]
+                "--nprocs", "1", "--use-plugin", _linear_plugin(tmp_path),
+                "--bias-method", "n4"])[0]
     assert code == 1
     crashes = list((out / "sub-01" / "log").glob("*/crash-*.txt"))
     assert crashes, "no crash file in the participant's log folder"

@@ -218,10 +218,38 @@ def test_demo_logs(demo_run):
     assert (demo_run["out"] / "logs" / f"bids-validator_{demo_run['run_id']}.json").is_file()
 
 
+def _table_block(lines: list[str], header: str) -> list[str]:
+    """The indented rows below one participant's header line of the summary table."""
+    block = lines[lines.index(header) + 1:]
+    end = next((i for i, line in enumerate(block) if not line.startswith("  ")), len(block))
+    return block[:end]
+
+
 def test_demo_summary_table_printed(demo_run):
     lines = demo_run["stdout"].splitlines()
     assert "sub-01" in lines and "sub-02" in lines
-    assert sum("-> bias n4" in line for line in lines) == 4
+    # --bias-method both: each anatomical image (T1w and T2w of two participants) gets both
+    anat_rows = [line for line in lines if line.startswith("  anat  ")]
+    assert len(anat_rows) == 4, anat_rows
+    assert all(line.endswith("  -> bias cnn, bias n4") for line in anat_rows), anat_rows
+    for sub in ("01", "02"):
+        rows = _table_block(lines, f"sub-{sub}")
+        cells = [(row.split()[0], row.partition("  -> ")) for row in rows]
+        # the demo's anatomical images, then its qMRI collections, nothing skipped
+        assert [kind for kind, _ in cells] == ["anat", "anat", "VFA", "IRT1", "MESE", "MRF"], rows
+        assert [found.split()[1] for kind, (found, _, _) in cells if kind == "anat"] == [
+            f"sub-{sub}_{suffix}.nii.gz" for suffix in SUFFIXES_DEMO]
+        # collections: as many files as the demo wrote, and each has a plan
+        anat_dir = demo_run["bids"] / f"sub-{sub}" / "anat"
+        for kind, (found, arrow, plan) in cells[2:]:
+            n_files = len(list(anat_dir.glob(f"sub-{sub}_*_{kind}.nii.gz")))
+            assert found.split()[1:3] == [str(n_files), "files"], (kind, found)
+            assert arrow and plan.strip() not in ("", "-") and "problem" not in plan, (kind, plan)
+        # the B1 maps are attached to the collections their IntendedFor names
+        assert f"+ sub-{sub}_TB1map.nii.gz" in rows[2]
+        assert f"+ sub-{sub}_acq-mrf_TB1map.nii.gz" in rows[5]
+        # aligned: the plan column starts at the same offset in every row of the block
+        assert len({row.index("  -> ") for row in rows}) == 1, rows
 
 
 def test_demo_pybids_database_in_work_dir(demo_run):
@@ -269,12 +297,24 @@ def test_resume_reexecutes_no_processing_node(real_rerun):
     """
     assert real_rerun["code"] == EXIT_OK, real_rerun["stderr"][-3000:]
     before, after = real_rerun["before"], real_rerun["after"]
-    processing = {k for k in before if not Path(k).name.startswith("ds_")}
-    assert len(processing) == 5, sorted(before)  # one N4 node per image: neck01 3, balls01 2
+    # A sink MapNode's per-item subnodes (ds_maps/mapflow/_ds_maps0) belong to the sink.
+    def is_sink(node: str) -> bool:
+        return any(part.startswith("ds_") for part in Path(node).parts)
+
+    processing = {k for k in before if not is_sink(k)}
+    # one N4 node per image (neck01 3, balls01 2) and the map node of neck01's MTR collection
+    assert sorted(Path(*Path(k).parts[1:]).as_posix() for k in processing) == [
+        "sub_balls01_wf/anat_00_T1w_bias_wf/n4",
+        "sub_balls01_wf/anat_01_T2w_bias_wf/n4",
+        "sub_neck01_wf/anat_00_T1w_bias_wf/n4",
+        "sub_neck01_wf/anat_01_T2w_bias_wf/n4",
+        "sub_neck01_wf/anat_02_T2starw_bias_wf/n4",
+        "sub_neck01_wf/qmri_00_MTR_wf/map",
+    ], sorted(before)
     assert set(after) == set(before)
     rerun = sorted(k for k in processing if after[k] != before[k])
     assert rerun == [], f"re-executed on resume: {rerun}"
-    sinks = [k for k in before if Path(k).name.startswith("ds_")]
+    sinks = [k for k in before if is_sink(k)]
     assert sinks and all(after[k] != before[k] for k in sinks)
 
 

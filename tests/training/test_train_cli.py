@@ -56,7 +56,7 @@ def test_train_qmri_reuses_shipped_model_and_trains_a_new_protocol(tmp_path: Pat
     other = _vfa_sidecars(tmp_path / "other", (4.0, 18.0))
     assert main([*base, "--protocol", *map(str, other), "--budget-s", "8"]) == 0
     (weights,) = models.glob("vfa-*.safetensors")
-    net, card = load_estimator(weights)
+    _, card = load_estimator(weights)
     assert card["protocol"]["flip_angle_deg"] == [4.0, 18.0]
     assert card["loss"] == "crb"
 
