@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from qmri_bids.qmri.base import ParameterSpec, SignalModel
-from qmri_bids.qmri.crb import model_jacobian
+from qmri_bids.qmri.crb import inverse_diagonal, jacobian_mode, model_jacobian
 
 #: bumped whenever the network / normalisation / prior semantics change (enters the protocol hash)
 ESTIMATOR_VERSION = "1"
@@ -273,6 +273,7 @@ class _ScaledModel(SignalModel):
         self.model, self.prior = model, prior
         self.n_scale = 2 if prior.scale == "complex" else 1
         self.is_complex = model.is_complex
+        self.n_timepoints = getattr(model, "n_timepoints", None)  # for jacobian_mode
         self.name = model.name + "-scaled"
         self.parameters = tuple(
             ParameterSpec(f"scale{i}", "", -math.inf, math.inf, True) for i in range(self.n_scale)
@@ -282,104 +283,6 @@ class _ScaledModel(SignalModel):
         k = self.n_scale
         m0 = torch.complex(params[..., 0], params[..., 1]) if k == 2 else params[..., 0]
         return self.model.forward(assemble_params(self.model, self.prior, params[..., k:], m0), b1)
-
-
-def _inverse_diagonal(fim: torch.Tensor) -> torch.Tensor:
-    d = torch.sqrt(torch.diagonal(fim, dim1=-2, dim2=-1)).clamp_min(torch.finfo(fim.dtype).tiny)
-    scaled = fim / (d[..., :, None] * d[..., None, :])
-    inv, info = torch.linalg.inv_ex(scaled)
-    var = torch.diagonal(inv, dim1=-2, dim2=-1) / d**2
-    bad = (info != 0)[..., None] | ~torch.isfinite(var) | (var <= 0)
-    return torch.where(bad, torch.full_like(var, float("inf")), var)
-
-
-def _jac_mode(model: SignalModel, n_params: int) -> str:
-    n = getattr(model, "n_timepoints", None) or 0
-    return "fwd" if (model.is_complex or n > 4 * n_params) else "rev"
-
-
-def fd_jacobian(model: SignalModel, params: torch.Tensor, b1: torch.Tensor | None = None,
-                rel_step: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-view signal ``[B, M]`` and Jacobian ``[B, M, P]`` by float64 central differences
-    (step ``rel_step``·max(|θ|, 1e-3)); ~2P+1 forward runs, much cheaper than AD through a
-    500-step EPG loop."""
-    from qmri_bids.qmri.crb import _real_view
-
-    x = params.to(torch.float64)
-    n, p = x.shape
-    h = rel_step * x.abs().clamp_min(1e-3)
-    pts = [x]
-    for i in range(p):
-        for sgn in (1.0, -1.0):
-            xi = x.clone()
-            xi[:, i] += sgn * h[:, i]
-            pts.append(xi)
-    kb = None if b1 is None else b1.to(torch.float64).repeat(len(pts))
-    with torch.no_grad():
-        sig = _real_view(model.forward(torch.cat(pts, 0), kb)).reshape(len(pts), n, -1)
-    jac = torch.stack([(sig[1 + 2 * i] - sig[2 + 2 * i]) / (2 * h[:, i:i + 1])
-                       for i in range(p)], -1)
-    return sig[0], jac
-
-
-def crb_any(
-    model: SignalModel,
-    params: torch.Tensor,
-    sigma: float | torch.Tensor,
-    b1: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Like :func:`qmri_bids.qmri.crb.crb`, with float64 central differences (:func:`fd_jacobian`)
-    for signals longer than 64 points (MRF) instead of AD through the EPG loop."""
-    if _is_long(model):
-        _, j = fd_jacobian(model, params, b1)
-    else:
-        _, j = model_jacobian(model, params, b1, mode=_jac_mode(model, params.shape[-1]))
-    sigma = torch.as_tensor(sigma, dtype=params.dtype, device=params.device)
-    fim = j.transpose(-1, -2) @ j / (sigma**2)[..., None, None]
-    return _inverse_diagonal(fim)
-
-
-def _is_long(model: SignalModel) -> bool:
-    return (getattr(model, "n_timepoints", None) or 0) > 64
-
-
-def _fd_signal_and_jacobian(
-    sm: _ScaledModel, full: torch.Tensor, b1: torch.Tensor | None, rel_step: float = 3e-3
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real-view signal and Jacobian of ``sm`` at unit scale: analytic for the scale columns,
-    central differences (relative step ``rel_step``) in float32 for the shape parameters.
-
-    For long EPG signals (MRF) this is ~5× cheaper than exact forward-mode AD in float64; the
-    relative error of the CRB is ~1e-4 (rounding 1e-7/step + step²).
-    """
-    k = sm.n_scale
-    n, p = full.shape
-    x = full.to(torch.float32)
-    h = rel_step * x[:, k:].abs().clamp_min(1e-3)
-    pts = [x]
-    for i in range(p - k):
-        for sgn in (1.0, -1.0):
-            xi = x.clone()
-            xi[:, k + i] += sgn * h[:, i]
-            pts.append(xi)
-    allp = torch.cat(pts, 0)
-    kb = None if b1 is None else b1.to(torch.float32).repeat(len(pts))
-    with torch.no_grad():
-        sig = sm.forward(allp, kb).reshape(len(pts), n, -1)
-    from qmri_bids.qmri.crb import _real_view
-
-    sig = _real_view(sig.to(torch.complex128 if sig.is_complex() else torch.float64))
-    s0 = sig[0]
-    cols = []
-    if k == 2:
-        n_half = s0.shape[-1] // 2
-        re, im = s0[..., :n_half], s0[..., n_half:]
-        cols += [s0, torch.cat([-im, re], -1)]  # ∂/∂M0_re = s, ∂/∂M0_im = i·s at M0 = 1
-    else:
-        cols.append(s0)  # linear in the scale, unit scale
-    for i in range(p - k):
-        cols.append((sig[1 + 2 * i] - sig[2 + 2 * i]) / (2 * h[:, i:i + 1].double()))
-    return s0, torch.stack(cols, -1)
 
 
 def unit_crb(
@@ -394,8 +297,9 @@ def unit_crb(
 
     Returns (``crb[..., P_out]``, ``signal[..., N]``). For a scale M0 and noise σ the CRB is
     ``crb · σ²/|M0|²``; all scale and nuisance parameters are unknowns of the Fisher matrix.
-    ``jacobian``: ``"exact"`` (torch.func, float64), ``"fd"`` (see
-    :func:`_fd_signal_and_jacobian`) or ``"auto"`` (fd for signals longer than 64 points).
+    ``jacobian``: ``"exact"`` (torch.func), ``"fd"`` (float64 central differences) or
+    ``"auto"`` (:func:`qmri_bids.qmri.crb.jacobian_mode`: differences for signals longer than
+    64 points such as MRF).
     """
     sm = _ScaledModel(model, prior)
     batch = shape.shape[:-1]
@@ -405,19 +309,16 @@ def unit_crb(
     scale = torch.cat([one, torch.zeros_like(one)], -1) if sm.n_scale == 2 else one
     full = torch.cat([scale, flat], dim=-1)
     out_c, out_s = [], []
-    mode = _jac_mode(model, full.shape[-1])
-    use_fd = jacobian == "fd" or (jacobian == "auto" and _is_long(model))
-    if use_fd:
+    mode = {"exact": jacobian_mode(sm, full.shape[-1]).replace("fd", "fwd"),
+            "fd": "fd"}.get(jacobian, jacobian_mode(sm, full.shape[-1]))
+    if mode == "fd":
         chunk = min(chunk, 1024)
     for s in range(0, full.shape[0], chunk):
         kb = None if b1f is None else b1f[s: s + chunk]
-        if use_fd:
-            sig_real, j = _fd_signal_and_jacobian(sm, full[s: s + chunk], kb)
-        else:
-            with torch.no_grad():
-                sig_real, j = model_jacobian(sm, full[s: s + chunk], kb, mode=mode)
+        with torch.no_grad():
+            sig_real, j = model_jacobian(sm, full[s: s + chunk], kb, mode=mode)
         fim = j.transpose(-1, -2) @ j
-        out_c.append(_inverse_diagonal(fim)[..., sm.n_scale:])
+        out_c.append(inverse_diagonal(fim)[..., sm.n_scale:])
         if model.is_complex:
             n = sig_real.shape[-1] // 2
             out_s.append(torch.complex(sig_real[..., :n], sig_real[..., n:]))

@@ -23,11 +23,10 @@ import torch
 
 from qmri_bids.errors import BadDataError
 from qmri_bids.qmri.base import SignalModel
-from qmri_bids.qmri.crb import _real_view
+from qmri_bids.qmri.crb import _real_view, crb
 from qmri_bids.qmri.estimator import (
     CrbEstimator,
     assemble_params,
-    crb_any,
     scale_least_squares,
     unit_signal,
 )
@@ -188,6 +187,6 @@ def crb_sd_maps(
     for s in range(0, idx_all.numel(), chunk):
         idx = idx_all[s: s + chunk]
         with torch.no_grad():
-            var = crb_any(model, flat[idx], sig[idx], None if kb is None else kb[idx])
+            var = crb(model, flat[idx], sig[idx], None if kb is None else kb[idx], mode="auto")
         out[idx] = var.sqrt()
     return {n: out[:, i].reshape(batch).numpy() for i, n in enumerate(model.parameter_names)}

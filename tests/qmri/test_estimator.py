@@ -244,7 +244,7 @@ def test_crb_sd_maps_match_core() -> None:
 
 def test_crb_sd_maps_long_signal_uses_accurate_finite_differences() -> None:
     from qmri_bids.qmri.crb import model_jacobian
-    from qmri_bids.qmri.estimator import _inverse_diagonal
+    from qmri_bids.qmri.crb import inverse_diagonal
     from qmri_bids.qmri.models.mrf import MRFModel, default_mrf_schedule
 
     model = MRFModel(default_mrf_schedule(n_timepoints=70, n_lobes=2), n_states=6)
@@ -252,6 +252,6 @@ def test_crb_sd_maps_long_signal_uses_accurate_finite_differences() -> None:
                      dtype=torch.float64)
     sd = crb_sd_maps(model, p, 2.0)
     _, j = model_jacobian(model, p, mode="fwd")  # exact AD reference
-    ref = (_inverse_diagonal(j.transpose(-1, -2) @ j) * 4.0).sqrt().numpy()
+    ref = (inverse_diagonal(j.transpose(-1, -2) @ j) * 4.0).sqrt().numpy()
     for i, n in enumerate(model.parameter_names):
         np.testing.assert_allclose(sd[n], ref[:, i], rtol=1e-4)
