@@ -24,12 +24,10 @@ bit-identical weights to an uninterrupted one (CPU, same thread count).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +46,7 @@ from qmri_bids.bias.training_data import (
     object_mask,
     random_crop,
 )
+from qmri_bids.provenance import hardware_string, sha256_file
 
 log = logging.getLogger("qmri_bids.bias")
 
@@ -244,27 +243,6 @@ def train(cfg: TrainConfig, ckpt_dir: str | Path | None = None, resume: bool = T
 
 
 # --------------------------------------------------------------------------- export
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hardware_string() -> str:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu or platform.machine()}; {torch.get_num_threads()} torch threads; "
-            f"torch {torch.__version__}; {platform.system()} {platform.release()}")
-
-
 def export_model(net: BiasNet, path: str | Path, cfg: TrainConfig, summary: dict,
                  validation: dict[str, float], fusion: FusionConfig | None = None,
                  notes: str = "") -> Path:

@@ -21,6 +21,7 @@ import torch
 
 from qmri_bids.bias.cnn import BiasNet, BiasNetConfig, FusionConfig
 from qmri_bids.errors import BadDataError
+from qmri_bids.provenance import sha256_file
 
 log = logging.getLogger("qmri_bids.bias")
 
@@ -49,12 +50,6 @@ class BiasModel:
 def models_dir() -> Path:
     """``qmri_bids/models`` of the installed package."""
     return Path(str(resources.files("qmri_bids") / "models"))
-
-
-def _sha256(path: Path) -> str:
-    from qmri_bids.bias.train import sha256_file  # local: train pulls in the data generators
-
-    return sha256_file(path)
 
 
 def resolve_model_path(name_or_path: str | Path = DEFAULT_MODEL) -> Path:
@@ -91,7 +86,7 @@ def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: torch.device | 
         raise BadDataError(f"bias-field model weights {weights} not found "
                            "(the installation is incomplete; reinstall qmri-bids)")
     card = read_card(weights)
-    digest = _sha256(weights)
+    digest = sha256_file(weights)
     if digest != card["sha256"]:
         raise BadDataError(f"bias-field model {weights} failed its integrity check: sha256 "
                            f"{digest} but its card {weights.with_suffix('.json').name} says "

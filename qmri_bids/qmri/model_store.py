@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from qmri_bids.errors import BadDataError
+from qmri_bids.provenance import sha256_file
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.estimator import (
     ESTIMATOR_VERSION,
@@ -174,14 +175,6 @@ def model_from_protocol(model_name: str, protocol: Mapping[str, Any]) -> SignalM
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _stem(path: str | Path) -> Path:

@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmri_bids.provenance import hardware_string
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.estimator import (
     CrbEstimator,
@@ -77,14 +77,6 @@ class TrainingReport:
         d["snr_range"] = list(self.snr_range)
         d["history"] = [list(h) for h in self.history]
         return d
-
-
-def hardware_string(device: str | torch.device = "cpu") -> str:
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return f"{torch.cuda.get_device_name(dev)} (cuda)"
-    return (f"{platform.processor() or platform.machine()} CPU, torch threads "
-            f"{torch.get_num_threads()}, {os.cpu_count()} cores visible")
 
 
 # ----------------------------------------------------------------------------- simulation

@@ -1,0 +1,36 @@
+"""What model cards record about where a file came from: its hash and the hardware used."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from pathlib import Path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hardware_string(device: str = "cpu") -> str:
+    """CPU model (or GPU name), torch threads and version, OS: enough to compare timings."""
+    import torch
+
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        return (f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda}); "
+                f"torch {torch.__version__}")
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu or platform.machine()}; {torch.get_num_threads()} torch threads; "
+            f"torch {torch.__version__}; {platform.system()} {platform.release()}")
