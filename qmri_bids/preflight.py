@@ -17,8 +17,12 @@ from qmri_bids.qmri.mapping import resolve_model
 LOGGER = logging.getLogger("qmri_bids.preflight")
 
 
-def preflight(subjects: list[SubjectInputs]) -> list[str]:
-    """Drop unusable inputs in place; return one message per dropped input."""
+def preflight(subjects: list[SubjectInputs], config=None) -> list[str]:
+    """Drop unusable inputs in place; return one message per dropped input.
+
+    With the run's ``config``, qMRI collections are also checked against what mapping needs:
+    a B1 map of the images' shape and an intact estimator when a shipped one is used.
+    """
     problems: list[str] = []
     for inputs in subjects:
         kept = []
@@ -39,6 +43,12 @@ def preflight(subjects: list[SubjectInputs]) -> list[str]:
                     check_image_header(member.path, max_ndim=4 if col.suffix == "MRF" else 3)
                 # The protocol must make sense before any estimator is looked up or trained.
                 resolve_model(col)
+                if col.b1map is not None:
+                    _check_b1map(col)
+                if config is not None and "nn" in config.qmri_estimators:
+                    from qmri_bids.workflows.qmri import estimator_plan
+
+                    estimator_plan(config, col)
             except (BadDataError, MissingInputError) as exc:
                 problems.append(str(exc))
                 inputs.skipped.append(Skipped(col.label, member.path, str(exc)))
@@ -47,3 +57,16 @@ def preflight(subjects: list[SubjectInputs]) -> list[str]:
             kept_collections.append(col)
         inputs.collections = kept_collections
     return problems
+
+
+def _check_b1map(collection) -> None:
+    """The B1 map must match the images (up to trailing singleton axes), read from headers."""
+    import nibabel as nib
+
+    from qmri_bids.qmri.protocols import load_b1map
+
+    shape = tuple(nib.load(str(collection.members[0].path)).shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    shape = shape + (1,) * (3 - len(shape))
+    load_b1map(collection.b1map, shape)

@@ -225,7 +225,7 @@ def run_participant_level(config, log_file: Path) -> int:
         LOGGER.warning("BIDS validation skipped (--skip-bids-validation)")
     subjects = discover(config.bids_dir, config.work_dir / "bids_db" / config.run_id,
                         participants, config.session_labels, config.bids_filters)
-    bad = preflight(subjects)
+    bad = preflight(subjects, config)
 
     from qmri_bids.workflows.base import describe, init_qmri_bids_wf, planned_outputs
 
@@ -246,10 +246,14 @@ def run_participant_level(config, log_file: Path) -> int:
             try:
                 workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
             except RuntimeError as exc:
-                raise NodeFailedError(
-                    f"processing failed: {exc}; crash files are in "
-                    f"{config.output_dir}/sub-<label>/log/{config.run_id}/"
-                ) from exc
+                causes = _crash_causes(config, subjects)
+                error = BadDataError if causes and all(
+                    c.split(":", 1)[0].endswith("BadDataError") for c in causes) \
+                    else NodeFailedError
+                raise error(
+                    "processing failed:\n  " + "\n  ".join(causes or [str(exc)])
+                    + f"\ncrash files are in {config.output_dir}/sub-<label>/log/"
+                      f"{config.run_id}/") from exc
             boilerplate = describe(workflow)
             if config.plugin.endswith("Graph"):
                 # Graph plugins (SLURMGraph, SGEGraph...) only submit jobs and return.
@@ -284,6 +288,20 @@ def run_participant_level(config, log_file: Path) -> int:
     if exit_code == EXIT_OK and not submitted:
         LOGGER.info("done: derivatives in %s", config.output_dir)
     return exit_code
+
+
+def _crash_causes(config, subjects) -> list[str]:
+    """The final exception line of each text crash file of this run (what the user must read)."""
+    causes = []
+    for inputs in subjects:
+        for crash in sorted(config.log_dir(inputs.subject).glob("crash-*.txt")):
+            lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines()
+                     if ln.strip()]
+            last = next((ln for ln in reversed(lines) if "Error" in ln.split(":", 1)[0]),
+                        lines[-1] if lines else "")
+            node = crash.name.split("-")[4] if crash.name.count("-") >= 5 else crash.name
+            causes.append(f"{last} (node {node}, sub-{inputs.subject})")
+    return causes
 
 
 def _configure_nipype(config) -> None:

@@ -100,12 +100,17 @@ class QmriMapping(SimpleInterface):
 
 
 def _acquisition_metadata(collection) -> dict:
-    """Acquisition parameters of the members, as arrays where they vary (BIDS qMRI style)."""
+    """Acquisition parameters of the members that were fitted (excluded ones left out), as
+    arrays where they vary (BIDS qMRI style)."""
+    from qmri_bids.qmri.protocols import select_consistent_members
+
+    members = (collection.members if collection.suffix == "MRF"
+               else select_consistent_members(collection)[0])
     keys = ("FlipAngle", "RepetitionTimeExcitation", "RepetitionTime", "InversionTime",
             "EchoTime", "MTState", "MagneticFieldStrength", "RefocusingFlipAngle")
     out = {}
     for key in keys:
-        values = [m.metadata.get(key) for m in collection.members if key in m.metadata]
+        values = [m.metadata.get(key) for m in members if key in m.metadata]
         if not values:
             continue
         flat = [v for v in values if not isinstance(v, list)]
@@ -125,6 +130,7 @@ class _TrainInputSpec(BaseInterfaceInputSpec):
     time_budget_s = traits.Float(desc="stop training after this many seconds")
     force = traits.Bool(False, usedefault=True,
                         desc="train into cache_dir even if an estimator exists for the protocol")
+    n_threads = traits.Int(1, usedefault=True, desc="torch CPU threads")
 
 
 class _TrainOutputSpec(TraitedSpec):
@@ -146,8 +152,13 @@ class TrainQmriEstimator(SimpleInterface):
 
         from traits.api import Undefined
 
+        import torch
+
         from qmri_bids.qmri.model_store import find_or_train, model_from_protocol
 
+        # Set in the worker itself: a forked MultiProc worker must not inherit the parent's
+        # OpenMP pool (it deadlocks in the first parallel region).
+        torch.set_num_threads(max(1, self.inputs.n_threads))
         model = model_from_protocol(self.inputs.model_name, self.inputs.protocol)
         kwargs = {"seed": self.inputs.seed, "loss": self.inputs.loss}
         if self.inputs.time_budget_s is not Undefined:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import logging
+
 from nipype.pipeline import engine as pe
 
 from qmri_bids.bids.discovery import Collection
 from qmri_bids.config import RunConfig
+from qmri_bids.errors import BadDataError
 from qmri_bids.interfaces.derivatives import DerivativesSink
 from qmri_bids.interfaces.qmri import QmriMapping, collection_to_dict
 from qmri_bids.workflows.training import init_qmri_training_wf
 
+LOGGER = logging.getLogger("qmri_bids.qmri")
 GROUPING_ENTITIES = ("flip", "inv", "echo", "mt", "part")
 
 
@@ -32,11 +36,29 @@ def estimator_plan(config: RunConfig, collection: Collection) -> tuple[str, dict
         return "", {}, None
     model, protocol = resolved
     stem = estimator_stem(model.name, protocol)
-    for folder in (SHIPPED_DIR, config.model_dir):
-        candidate = Path(folder) / f"{stem}.safetensors"
-        if candidate.is_file():
-            return model.name, protocol, candidate
+    shipped = Path(SHIPPED_DIR) / f"{stem}.safetensors"
+    if shipped.is_file():
+        verify_estimator(shipped)  # a corrupt shipped model is an error, never a fallback
+        return model.name, protocol, shipped
+    cached = Path(config.model_dir) / f"{stem}.safetensors"
+    if cached.is_file():
+        try:
+            verify_estimator(cached)
+            return model.name, protocol, cached
+        except BadDataError as exc:
+            LOGGER.warning("%s; it will be retrained", exc)
     return model.name, protocol, None
+
+
+def verify_estimator(weights: Path) -> None:
+    """sha256 of an estimator against its model card (BadDataError naming the file)."""
+    from qmri_bids.provenance import sha256_file
+    from qmri_bids.qmri.model_store import read_card
+
+    card = read_card(weights.with_suffix(".json"))
+    if sha256_file(weights) != card.get("weights_sha256"):
+        raise BadDataError(f"estimator {weights} does not match the sha256 in its card "
+                           f"{weights.with_suffix('.json').name} (corrupt or replaced file)")
 
 
 def init_qmri_map_wf(config: RunConfig, collection: Collection, name: str) -> pe.Workflow:

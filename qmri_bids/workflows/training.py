@@ -27,7 +27,7 @@ def init_qmri_training_wf(model_name: str, protocol: dict, cache_dir: Path, name
     )
     train = pe.Node(TrainQmriEstimator(model_name=model_name, protocol=protocol,
                                        cache_dir=str(cache_dir), seed=seed, loss=loss,
-                                       force=force),
+                                       force=force, n_threads=n_threads),
                     name="train", mem_gb=2.0, n_procs=n_threads)
     if time_budget_s is not None:
         train.inputs.time_budget_s = time_budget_s
