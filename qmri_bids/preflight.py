@@ -66,6 +66,8 @@ def _check_b1map(collection) -> None:
     from qmri_bids.qmri.protocols import load_b1map
 
     shape = tuple(nib.load(str(collection.members[0].path)).shape)
+    if collection.suffix == "MRF":  # (x, y, z, time): the map covers the spatial axes
+        shape = shape[:3] if len(shape) > 3 else shape[:2] + (1,)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     shape = shape + (1,) * (3 - len(shape))

@@ -26,3 +26,23 @@ def shared_reference() -> Path:
     if not ref.is_dir():
         pytest.skip(f"reference maps not found at {ref}")
     return ref
+
+
+@pytest.fixture(autouse=True)
+def _reset_qmri_bids_logger():
+    """In-process CLI runs (also inside module-scoped fixtures) configure the ``qmri_bids``
+    logger for a terminal: own handlers, no propagation. Reset it around every test so that
+    ``caplog`` sees the messages wherever the test runs in the session."""
+    import logging
+
+    def reset() -> None:
+        logger = logging.getLogger("qmri_bids")
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+            handler.close()
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+
+    reset()
+    yield
+    reset()
