@@ -13,7 +13,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 
@@ -21,6 +20,7 @@ from qmri_bids.bias.fields import random_bias_field
 from qmri_bids.bids.derivatives import atomic_write_json, atomic_write_text
 from qmri_bids.demo import qmri_collections
 from qmri_bids.demo.phantom import LABELS, Phantom, make_head_phantom
+from qmri_bids.demo.volumes import add_rician_noise, save_volume
 from qmri_bids.qmri.models.mese import MESEMonoModel
 from qmri_bids.qmri.models.vfa import VFAModel
 
@@ -45,22 +45,6 @@ class DemoSettings:
     qmri_snr_wm: float = 100.0
     mrf_snr_wm: float = 10.0
     nist_mrf_dir: Path | None = None  # reference maps for the optional sub-nistmrf
-
-
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.float32) -> None:
-    from qmri_bids.bids.derivatives import save_like
-
-    ref = nib.Nifti1Image(np.zeros(data.shape, dtype=dtype), affine)
-    ref.set_qform(affine, 1)
-    ref.set_sform(affine, 1)
-    ref.header.set_xyzt_units("mm", "sec")
-    save_like(data, ref, path, dtype=dtype)
-
-
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    real = signal + rng.normal(0.0, sigma, signal.shape)
-    imag = rng.normal(0.0, sigma, signal.shape)
-    return np.hypot(real, imag)
 
 
 def demo_bias_field(phantom: Phantom, rng: np.random.Generator,
@@ -147,16 +131,16 @@ def write_demo_dataset(out_dir: Path, settings: DemoSettings | None = None) -> P
             # Each image: white matter at 1000 (scanner-like units) and at SNR ``snr_wm``.
             wm_level = float(np.median(signal[phantom.labels == 5]))
             sigma = wm_level / settings.snr_wm
-            noisy = _rician(signal * field, sigma, rng)
+            noisy = add_rician_noise(signal * field, sigma, rng)
             scale = 1000.0 / wm_level
-            _save(noisy * scale, phantom.affine, anat / f"sub-{label}_{suffix}.nii.gz")
+            save_volume(noisy * scale, phantom.affine, anat / f"sub-{label}_{suffix}.nii.gz")
             atomic_write_json(anat / f"sub-{label}_{suffix}.json", meta[suffix])
-            _save(field, phantom.affine, gt_anat / f"sub-{label}_desc-truefield_{suffix}.nii.gz")
-        _save(phantom.labels, phantom.affine, gt_anat / f"sub-{label}_desc-tissue_dseg.nii.gz",
+            save_volume(field, phantom.affine, gt_anat / f"sub-{label}_desc-truefield_{suffix}.nii.gz")
+        save_volume(phantom.labels, phantom.affine, gt_anat / f"sub-{label}_desc-tissue_dseg.nii.gz",
               dtype=np.int16)
         for name, suffix in (("t1", "T1map"), ("t2", "T2map"), ("t2star", "T2starmap"),
                              ("pd", "PDmap")):
-            _save(getattr(phantom, name), phantom.affine, gt_anat / f"sub-{label}_{suffix}.nii.gz")
+            save_volume(getattr(phantom, name), phantom.affine, gt_anat / f"sub-{label}_{suffix}.nii.gz")
         if settings.qmri:
             qmri_collections.write_subject_collections(
                 out_dir, label, phantom, np.random.default_rng([settings.seed, index, 1]),

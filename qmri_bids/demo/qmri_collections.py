@@ -45,8 +45,9 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from qmri_bids.bids.derivatives import atomic_write_json, atomic_write_text, save_like
+from qmri_bids.bids.derivatives import atomic_write_json, atomic_write_text
 from qmri_bids.demo.phantom import Phantom
+from qmri_bids.demo.volumes import add_rician_noise, save_volume
 from qmri_bids.qmri.models.irt1 import IRT1TRModel
 from qmri_bids.qmri.models.mese import MESEMonoModel
 from qmri_bids.qmri.models.mrf import MRFModel, default_mrf_schedule, write_mrf_series
@@ -89,20 +90,6 @@ def slab_affine(affine: np.ndarray, z: slice) -> np.ndarray:
     out = np.array(affine, dtype=np.float64)
     out[:3, 3] = out[:3, :3] @ np.array([0.0, 0.0, float(z.start)]) + out[:3, 3]
     return out
-
-
-def _save(data: np.ndarray, affine: np.ndarray, path: Path, dtype=np.float32) -> None:
-    ref = nib.Nifti1Image(np.zeros(data.shape, dtype=dtype), affine)
-    ref.set_qform(affine, 1)
-    ref.set_sform(affine, 1)
-    ref.header.set_xyzt_units("mm", "sec")
-    save_like(data, ref, path, dtype=dtype)
-
-
-def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    real = signal + rng.normal(0.0, sigma, signal.shape)
-    imag = rng.normal(0.0, sigma, signal.shape)
-    return np.hypot(real, imag)
 
 
 def _simulate(model, params: np.ndarray, b1: np.ndarray | None = None) -> np.ndarray:
@@ -164,7 +151,7 @@ def _truth(gt_anat: Path, prefix: str, affine: np.ndarray, maps: dict[str, np.nd
     for suffix, data in maps.items():
         path = gt_anat / f"{prefix}_{suffix}.nii.gz"
         dtype = np.int16 if suffix.endswith(("dseg", "mask")) else np.float32
-        _save(data, affine, path, dtype=dtype)
+        save_volume(data, affine, path, dtype=dtype)
         if not suffix.endswith(("dseg", "mask")):
             atomic_write_json(path.with_name(path.name.replace(".nii.gz", ".json")), meta)
         written.append(path)
@@ -176,7 +163,7 @@ def _write_members(anat: Path, names: list[str], volumes: np.ndarray, affine: np
     paths = []
     for i, (name, meta) in enumerate(zip(names, metas, strict=True)):
         path = anat / f"{name}.nii.gz"
-        _save(volumes[..., i], affine, path)
+        save_volume(volumes[..., i], affine, path)
         atomic_write_json(anat / f"{name}.json", meta)
         paths.append(path)
     return paths
@@ -210,7 +197,7 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
     def noisy(clean: np.ndarray, name: str) -> tuple[np.ndarray, float]:
         sigma = float(np.median(clean[wm].max(-1))) / settings.snr_wm if wm.any() else 1.0
         sigmas[name] = sigma
-        return _rician(clean, sigma, rng).astype(np.float32), sigma
+        return add_rician_noise(clean, sigma, rng).astype(np.float32), sigma
 
     # --- VFA + TB1map
     vfa = VFAModel(list(VFA_FLIP_DEG), VFA_TR)
@@ -221,7 +208,7 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
               "RepetitionTimeExcitation": VFA_TR, "RepetitionTime": VFA_TR, "EchoTime": VFA_TE}
              for fa in VFA_FLIP_DEG]
     vfa_paths = _write_members(anat, names, data, aff, metas)
-    _save(b1, aff, fmap / f"{sub}_TB1map.nii.gz")
+    save_volume(b1, aff, fmap / f"{sub}_TB1map.nii.gz")
     atomic_write_json(fmap / f"{sub}_TB1map.json", {
         **common, "IntendedFor": [f"bids::{sub}/anat/{p.name}" for p in vfa_paths],
         "Description": "relative B1+ (1 = nominal flip angle); here the true simulated field"})
@@ -273,7 +260,7 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
     noise = rng.normal(0.0, sigma, clean.shape) + 1j * rng.normal(0.0, sigma, clean.shape)
     mrf_files = write_mrf_series(anat, sub, clean + noise, aff_m, default_mrf_schedule(),
                                  extra_metadata={**common, "PulseSequenceType": "MRF"})
-    _save(b1m, aff_m, fmap / f"{sub}_acq-mrf_TB1map.nii.gz")
+    save_volume(b1m, aff_m, fmap / f"{sub}_acq-mrf_TB1map.nii.gz")
     atomic_write_json(fmap / f"{sub}_acq-mrf_TB1map.json", {
         **common, "IntendedFor": [f"bids::{sub}/anat/{p.name}" for p in mrf_files
                                   if p.name.endswith(".nii.gz")],
