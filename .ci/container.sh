@@ -46,20 +46,9 @@ EXEC_ROOT=/run/qmri-ci-docker
 SOCK=$EXEC_ROOT/docker.sock
 export DOCKER_HOST=unix://$SOCK
 DOCKERD_PID=""
-declare -a TIMING_NAMES=() TIMING_SECS=() TIMING_STATUS=()
-
-log() { printf '[container.sh %(%H:%M:%S)T] %s\n' -1 "$*"; }
-
-print_timings() {
-    local i total=0
-    printf '\n%-46s %8s  %s\n' "step" "seconds" "status"
-    printf '%-46s %8s  %s\n' "----" "-------" "------"
-    for i in "${!TIMING_NAMES[@]}"; do
-        printf '%-46s %8s  %s\n' "${TIMING_NAMES[$i]}" "${TIMING_SECS[$i]}" "${TIMING_STATUS[$i]}"
-        total=$((total + TIMING_SECS[i]))
-    done
-    printf '%-46s %8s\n' "total" "$total"
-}
+export CI_NAME=container.sh  # exported: container.sh runs log() in child shells
+# shellcheck source=.ci/timings.sh
+source "$(dirname "${BASH_SOURCE[0]}")/timings.sh"
 
 # step NAME TIMEOUT_S COMMAND...: run COMMAND (a program or one of the functions below, which
 # are exported) in a child bash under `timeout`; record its duration and status. A TIMEOUT_S of 0

@@ -29,20 +29,9 @@ HOST=$(hostname -s)
 JOB_TIMEOUT=${QMRI_SLURM_TIMEOUT:-900}
 export SLURM_CONF=$D/etc/slurm.conf
 declare -A PIDS=()
-declare -a TIMING_NAMES=() TIMING_SECS=() TIMING_STATUS=()
-
-log() { printf '[slurm.sh %(%H:%M:%S)T] %s\n' -1 "$*"; }
-
-print_timings() {
-    local i total=0
-    printf '\n%-46s %8s  %s\n' "step" "seconds" "status"
-    printf '%-46s %8s  %s\n' "----" "-------" "------"
-    for i in "${!TIMING_NAMES[@]}"; do
-        printf '%-46s %8s  %s\n' "${TIMING_NAMES[$i]}" "${TIMING_SECS[$i]}" "${TIMING_STATUS[$i]}"
-        total=$((total + TIMING_SECS[i]))
-    done
-    printf '%-46s %8s\n' "total" "$total"
-}
+export CI_NAME=slurm.sh
+# shellcheck source=.ci/timings.sh
+source "$(dirname "${BASH_SOURCE[0]}")/timings.sh"
 
 # step NAME COMMAND...: run COMMAND in this shell, errexit on (a failure ends the script; the
 # EXIT trap records the step as failed). Every command bounds its own waits.
