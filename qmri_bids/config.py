@@ -2,7 +2,7 @@
 
 The CLI builds a ``RunConfig``, checks it (paths, resources, device), and hands it to discovery
 and the workflow factories; it is saved as JSON beside each participant's logs so a run can be
-audited and repeated.
+audited and repeated (:meth:`RunConfig.from_json` reads it back).
 """
 
 from __future__ import annotations
@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import types
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from qmri_bids import __version__
+from qmri_bids.errors import UsageError
 
 BIAS_METHODS = ("cnn", "n4", "both")
 
@@ -77,6 +79,40 @@ class RunConfig:
             if k in os.environ
         }
         return json.dumps(payload, indent=2, default=conv) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> RunConfig:
+        """The configuration :meth:`to_json` wrote (paths and tuples restored; the recorded
+        ``environment`` is information, not configuration, and is ignored). A key this version
+        does not know, or a missing required one, is a UsageError naming it."""
+        try:
+            payload = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"configuration is not valid JSON: {exc}") from exc
+        if not isinstance(payload, dict):
+            raise UsageError("configuration must be a JSON object")
+        payload.pop("environment", None)
+        hints = get_type_hints(cls)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(payload) - names)
+        if unknown:
+            raise UsageError(f"unknown configuration key(s) {unknown}")
+        try:
+            return cls(**{k: _restore(hints[k], v) for k, v in payload.items()})
+        except TypeError as exc:  # a required field is missing
+            raise UsageError(f"incomplete configuration: {exc}") from exc
+
+
+def _restore(hint: Any, value: Any) -> Any:
+    """A JSON value back into the field's type: ``Path`` (or ``Path | None``), ``tuple[...]``."""
+    if value is None:
+        return None
+    options = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if Path in options:
+        return Path(value)
+    if any(get_origin(o) is tuple for o in options):
+        return tuple(value)
+    return value
 
 
 def version_tag() -> str:

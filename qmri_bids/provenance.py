@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import platform
 from pathlib import Path
 
+# The digest lives with the model cards (qmri_bids.artifacts); re-exported for existing callers.
+from qmri_bids.artifacts import sha256_file
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+__all__ = ["hardware_string", "sha256_file"]
 
 
 def hardware_string(device: str = "cpu") -> str:

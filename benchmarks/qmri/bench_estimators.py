@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-from qmri_bids.qmri.estimator import assemble_params, default_prior
+from qmri_bids.qmri.estimator import assemble_params
 from qmri_bids.qmri.model_store import (
     SHIPPED_DIR,
     estimator_stem,
     load_estimator,
-    protocol_dict,
 )
 from qmri_bids.qmri.nlls import fit_nlls
 from qmri_bids.qmri.predict import estimate_maps
@@ -62,7 +61,7 @@ def nlls_estimator(model):
         kb = None if b1 is None else b1.to(torch.float64)
         return fit_nlls(model, y64, b1=kb).params
 
-    return full_to_shape(model, default_prior(model), f)
+    return full_to_shape(model, model.default_prior(), f)
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -102,7 +101,7 @@ def dictionary_estimator(model, matcher):
     def f(y, b1):
         return matcher.match(y.to(torch.complex64)).params.to(torch.float64)
 
-    return full_to_shape(model, default_prior(model), f)
+    return full_to_shape(model, model.default_prior(), f)
 
 
 def speed_mrf(model, net, matcher, n: int, seed: int = 0) -> dict[str, float]:
@@ -134,13 +133,13 @@ def bench_mrf(args, results) -> None:
 
     mrf_settings = dict(MRF_SETTINGS)
     model = MRFModel(estimate_b1=False)
-    prior = default_prior(model)
+    prior = model.default_prior()
     t0 = time.perf_counter()
     kw = dict(mrf_settings)
     kw["n_steps"] = args.mrf_steps
     pool = make_pool(model, prior, kw.pop("pool_size"), kw["seed"] + 1)
     mse_net, rep = train_estimator(model, pool=pool, **{**kw, "loss": "mse"})
-    stem = SHIPPED_DIR / estimator_stem(model.name, protocol_dict(model))
+    stem = SHIPPED_DIR / estimator_stem(model.name, model.to_protocol())
     # the shipped CRB network, once it has the same number of steps (train_shipped.py may be
     # running concurrently), else one trained here
     deadline = time.time() + args.wait_shipped_s
@@ -200,20 +199,20 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             model = demo[name]()
             net, _ = load_estimator(SHIPPED_DIR / estimator_stem(model.name,
-                                                                 protocol_dict(model)), model)
+                                                                 model.to_protocol()), model)
             results["models"][name]["speed"] = speed(model, net, 200_000, 4000)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(markdown(results))
         return
     for name in args.models:
         model = demo[name]()
-        prior = default_prior(model)
+        prior = model.default_prior()
         kw = dict(settings)
         kw["n_steps"] = args.steps
         kw.pop("pool_size")
         t0 = time.perf_counter()
         pool = make_pool(model, prior, settings["pool_size"], kw["seed"] + 1)
-        stem = SHIPPED_DIR / estimator_stem(model.name, protocol_dict(model))
+        stem = SHIPPED_DIR / estimator_stem(model.name, model.to_protocol())
         if stem.with_suffix(".json").is_file():
             crb_net, card = load_estimator(stem, model)
             crb_src = f"shipped {stem.name} ({card['steps']} steps)"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from qmri_bids.qmri.crb import crb
+from qmri_bids.qmri.mapping import map_collection
 from qmri_bids.qmri.models import (
     IRT1Model,
     IRT1TRModel,
@@ -39,7 +40,8 @@ from qmri_bids.qmri.models import (
     MTSModel,
     VFAModel,
 )
-from qmri_bids.qmri.nlls import fit_collection, fit_nlls
+from qmri_bids.qmri.nlls import fit_nlls
+from qmri_bids.qmri.plan import plan_collection
 from qmri_bids.qmri.protocols import collection_from_paths, load_collection_data
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,6 +121,13 @@ def _kmeans2(values: np.ndarray, iters: int = 50) -> tuple[float, float]:
 LIT_T1 = {"WM": (0.6, 1.1), "GM": (1.0, 1.8)}
 
 
+def _nlls(collection):
+    """The pipeline's NLLS maps of a collection: (values by estimate name, mask, MapSet)."""
+    result = map_collection(collection, plan_collection(collection, estimators=("nlls",)))
+    (mapset,) = result.mapsets
+    return mapset.values, result.mask, mapset
+
+
 def bench_real() -> dict:
     out: dict = {}
     ref_dir = DS / "derivatives" / "reference" / "sub-phantom01" / "anat"
@@ -126,11 +135,12 @@ def bench_real() -> dict:
     rows = list(csv.DictReader((ref_dir / "sub-phantom01_desc-spheres_dseg.tsv").open(),
                                delimiter="\t"))
     coll = collection_from_paths(_files("phantom01", "IRT1"), "IRT1")
-    data, proto, _, _ = load_collection_data(coll)
+    loaded = load_collection_data(coll)
     spheres = []
-    for label, tr_aware in (("irt1-tr (default with TR)", True), ("irt1 (Barral)", False)):
-        fit = fit_nlls(proto.model(tr_aware=tr_aware), torch.as_tensor(data),
-                       mask=torch.as_tensor(seg > 0))
+    tr_aware = loaded.model  # the phantom's sidecars give RepetitionTime: the TR-aware model
+    barral = IRT1Model(tr_aware.inversion_time)
+    for label, model in (("irt1-tr (default with TR)", tr_aware), ("irt1 (Barral)", barral)):
+        fit = fit_nlls(model, torch.as_tensor(loaded.data), mask=torch.as_tensor(seg > 0))
         t1 = fit.params[..., -1].numpy()
         for r in rows:
             if r["measurable"] != "true":
@@ -155,31 +165,35 @@ def bench_real() -> dict:
         brain.append(row)
         return v, wm, gm
 
-    res = fit_collection(collection_from_paths(_files("brain03", "IRT1"), "IRT1"))
-    tissue("sub-brain03 IR (Barral, polarity restored)", res.maps["T1"], res.mask)
+    values, mask, _ = _nlls(collection_from_paths(_files("brain03", "IRT1"), "IRT1"))
+    tissue("sub-brain03 IR (Barral, polarity restored)", values["T1"], mask)
     b1 = DS / "sub-brain02" / "fmap" / "sub-brain02_TB1map.nii.gz"
-    res = fit_collection(collection_from_paths(_files("brain02", "VFA"), "VFA", b1map=b1))
-    tissue("sub-brain02 VFA 3/20° + B1", res.maps["T1"], res.mask)
-    res = fit_collection(collection_from_paths(_files("brain02", "VFA"), "VFA"))
-    tissue("sub-brain02 VFA 3/20° without B1", res.maps["T1"], res.mask)
-    res = fit_collection(collection_from_paths(_files("brain01", "MTS"), "MTS"))
-    tissue("sub-brain01 two-angle SPGR (TR 28/18 ms, exact)", res.maps["T1_spgr"], res.mask)
-    t1h = res.maps["T1"]
-    _, wm, gm = tissue("sub-brain01 two-angle (Helms small-angle)", t1h, res.mask)
+    values, mask, _ = _nlls(collection_from_paths(_files("brain02", "VFA"), "VFA", b1map=b1))
+    tissue("sub-brain02 VFA 3/20° + B1", values["T1"], mask)
+    values, mask, _ = _nlls(collection_from_paths(_files("brain02", "VFA"), "VFA"))
+    tissue("sub-brain02 VFA 3/20° without B1", values["T1"], mask)
+    mts_coll = collection_from_paths(_files("brain01", "MTS"), "MTS")
+    values, mask, _ = _nlls(mts_coll)
+    tissue("sub-brain01 two-angle SPGR (TR 28/18 ms, exact)", values["T1"], mask)
+    loaded = load_collection_data(mts_coll)
+    helms = {k: np.where(mask, v.numpy(), np.nan)
+             for k, v in loaded.model.maps(torch.as_tensor(loaded.data)).items()}
+    t1h = helms["T1"]
+    _, wm, gm = tissue("sub-brain01 two-angle (Helms small-angle)", t1h, mask)
     # MTsat in the WM/GM classes of the Helms T1 map
     thr = (wm + gm) / 2
-    inside = res.mask & np.isfinite(t1h) & (t1h > 0.3) & (t1h < 2.5)
-    mts = res.maps["MTsat"]
+    inside = mask & np.isfinite(t1h) & (t1h > 0.3) & (t1h < 2.5)
+    mts = helms["MTsat"]
     out["mtsat_pu"] = {"WM": float(100 * np.median(mts[inside & (t1h < thr)])),
                        "GM": float(100 * np.median(mts[inside & (t1h >= thr)]))}
     out["brain_t1"] = brain
 
-    res = fit_collection(collection_from_paths(_files("kidney01", "MESE"), "MESE"))
-    t2 = res.maps["T2"][res.mask]
+    values, mask, mapset = _nlls(collection_from_paths(_files("kidney01", "MESE"), "MESE"))
+    t2 = values["T2"][mask]
     out["kidney_t2"] = {"median_T2_ms": float(1000 * np.nanmedian(t2)),
                         "iqr_ms": [float(1000 * q) for q in np.nanpercentile(t2, [25, 75])],
-                        "n_voxels": int(res.mask.sum()),
-                        "converged_pct": float(100 * res.fit.converged.numpy()[res.mask].mean())}
+                        "n_voxels": int(mask.sum()),
+                        "converged_pct": float(100 * mapset.diagnostics["converged"][mask].mean())}
     return out
 
 

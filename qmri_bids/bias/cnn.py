@@ -1,44 +1,43 @@
-"""The implicitly trained bias-field network and its application to images of any geometry.
+"""The bias-field network and its application to images of any geometry.
 
 Network (:class:`BiasNet`)
 --------------------------
-A small 2-D U-Net (8-32 channels, ~80 k parameters) on ``32 x 32`` slices predicts a *log*-field.
-Why these choices:
+A 2-D U-Net on ``64 x 64`` slices whose decoder stops at a quarter of the input resolution: it
+predicts a *log*-field on a ``16 x 16`` grid. Why these choices:
 
-* 2-D on small slices: bias fields are smooth (coil profiles vary over centimetres), so 32 samples
-  across the field of view (6 mm for a 19 cm head) still resolve the 6-cosine-per-axis field the
-  fusion keeps (N4 also estimates on images shrunk to ~4-6 mm), and a 2-D net trained on ordinary
-  photographs (as in the paper) transfers to any slice orientation. Cost grows with the pixel
-  count: measured on the shared 2-core CPU, one training step at 64 px cost 4x one at 32 px, and
-  the CPU was so contended (load average > 10) that only the 32 px net could be trained in the
-  25-minute budget. Inference on a 128x128x96 volume takes ~0.25 s of CPU time (1 thread).
+* 64-px input: the network must see tissue boundaries sharply enough to tell a step in intensity
+  (content) from a smooth change (field); 64 samples across a 20 cm head are 3 mm.
+* Coarse output: coil fields vary over centimetres and the 3-D fusion below keeps no cosine finer
+  than 30 mm, so a 16 x 16 output (12 mm cells on a head) loses nothing; skipping the two finest
+  decoder levels halves the cost of a forward pass.
+* 2-D slices of any orientation: the same net serves 3-D volumes, thin stacks and single slices.
 * Log domain: a multiplicative field is additive in log space, so the input is ``log(v / m)`` and
-  the output a log-field; the ratio losses of the paper become well-conditioned differences.
+  the output a log-field; the ratio losses become well-conditioned differences.
 * Intensity-scale invariance by construction: ``m`` is the median of ``v`` inside the foreground
-  mask (robust to a few bright voxels and to air), so ``F(c * v) == F(v)`` exactly, for any c > 0.
+  mask, so ``F(c v) == F(v)`` exactly for any ``c > 0``.
 * Foreground-aware: the input is zeroed outside the mask and the mask is a second input channel,
   so air (noise or zeros) cannot drive the field; the output is centred to geometric mean 1 inside
-  the mask (the global scale of a field is not identifiable from a single image).
-* Bounded: ``log F = log(2) * tanh(raw / log 2)`` -- a smooth version of the paper's clamp to
+  the mask (the global scale of a field is not identifiable from one image).
+* Bounded: ``log F = log(2) * tanh(raw / log 2)``, a smooth version of the paper's clamp to
   [0.5, 2] that keeps gradients alive during training.
 * No batch normalisation: its statistics would couple the slices of a batch and differ between
-  training and inference; the tiny net trains fine without it.
+  training and inference.
 
 Volumes (:func:`estimate_log_field`)
 ------------------------------------
-1. Resample the image to a working grid with isotropic voxels
-   (so anisotropic voxels and any orientation are handled physically; a 2-D image is ``n x m x 1``).
-   The grid's largest side has ``in_size`` (32) samples.
-2. Run the net (averaged over the 8 rotations/reflections of a slice, so the result does not
-   depend on axis order or direction) on slices along every axis whose two in-plane axes have at least ``min_inplane``
-   *acquired* voxels (a 10-slice stack is only sliced along its thin axis; a single slice only
-   in-plane), skipping slices with little foreground.
+1. Resample the image to a working grid with isotropic voxels whose largest side has ``in_size``
+   samples (anisotropic voxels and any orientation are handled physically; a 2-D image is
+   ``n x m x 1``). The foreground mask is found on a grid twice as fine and area-resampled.
+2. Run the net on up to ``max_slices`` slices along every axis whose two in-plane axes have at
+   least ``min_inplane`` *acquired* voxels, averaged over ``n_transforms`` of the 8
+   rotations/reflections of a slice (8 makes the result exactly independent of axis order and
+   direction; fewer are cheaper).
 3. Each 2-D prediction knows the field only up to a per-slice constant. All predictions are fused
-   by weighted least squares, in log space, onto a low-order 3-D cosine (DCT-II) basis, with one
-   free offset per slice (eliminated analytically by per-slice weighted centring) and a ridge
-   penalty growing with frequency. Orientations constrain each other, giving a 3-D consistent
-   field; the basis makes it smooth by construction. Along the stacking axis of a thin stack
-   (an axis that is in-plane for no usable orientation) only 2 cosines are kept.
+   by weighted least squares, in log space, onto a low-order 3-D cosine (DCT-II) basis with one
+   free offset per slice (eliminated by per-slice weighted centring) and a ridge penalty growing
+   with frequency. Orientations constrain each other, giving a 3-D consistent field; the basis
+   makes it smooth by construction. Along an axis that is in-plane for no usable orientation (the
+   stacking axis of a thin stack) only ``stack_order`` cosines are kept.
 4. Evaluate the basis at full resolution (separable, cheap), centre to geometric mean 1 inside the
    foreground and clamp to [0.5, 2] as in the paper.
 """
@@ -63,17 +62,24 @@ LOG2 = math.log(2.0)
 class BiasNetConfig:
     """Everything needed to rebuild the network (stored in the model card)."""
 
-    in_size: int = 32
+    in_size: int = 64
     base_channels: int = 8
-    depth: int = 3  # number of 2x poolings
+    depth: int = 4  # number of 2x poolings
+    out_level: int = 2  # the decoder stops at in_size / 2**out_level (the field is smooth)
     log_floor: float = 0.05  # v / median is floored here before the log (dark voxels, noise)
+
+    @property
+    def out_stride(self) -> int:
+        return 2 ** self.out_level
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> BiasNetConfig:
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known.setdefault("out_level", 0)  # cards written before out_level existed: full res
+        return cls(**known)
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,18 @@ class FusionConfig:
     """How 2-D predictions become one smooth 3-D field (see module docstring)."""
 
     order: int = 6  # cosine basis functions per axis (0..order-1)
-    stack_order: int = 2  # along an axis that is never in-plane (thin stacks); see fit
+    stack_order: int = 2  # along an axis that is never in-plane (thin stacks)
     min_half_wavelength_mm: float = 30.0  # no cosine finer than this (physical smoothness prior)
-    ridge: float = 1e-2  # ridge weight, times (1 + |k|^2); chosen on smoothness vs consistency
+    ridge: float = 1e-2  # ridge weight, times (1 + |k|^2)
     min_inplane: int = 16  # acquired voxels needed along both in-plane axes to use an orientation
     max_slices: int = 12  # per orientation (evenly spaced); the field is smooth across slices
     min_foreground: float = 0.02  # fraction of the slice that must be foreground
-    pool: int = 2  # predictions are averaged in pool x pool cells before the fit
+    n_transforms: int = 8  # rotations/reflections averaged per slice (1, 2, 4 or 8)
+    mask_factor: int = 1  # the foreground mask is found on a grid this much finer than the net's
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FusionConfig:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -96,11 +107,15 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet2D(nn.Module):
-    """Plain U-Net: ``depth`` poolings, channels doubling up to 4x ``base``."""
+    """U-Net with ``depth`` poolings (channels doubling up to 8x ``base``) whose decoder stops
+    ``out_level`` levels above the input resolution."""
 
-    def __init__(self, in_ch: int = 2, base: int = 16, depth: int = 3) -> None:
+    def __init__(self, in_ch: int = 2, base: int = 8, depth: int = 4, out_level: int = 0) -> None:
         super().__init__()
-        chans = [min(base * 2 ** i, base * 4) for i in range(depth + 1)]
+        if not 0 <= out_level <= depth:
+            raise ValueError(f"out_level {out_level} must be within 0..depth ({depth})")
+        chans = [min(base * 2 ** i, base * 8) for i in range(depth + 1)]
+        self.out_level = out_level
         self.down = nn.ModuleList()
         c = in_ch
         for ch in chans:
@@ -108,7 +123,7 @@ class UNet2D(nn.Module):
             c = ch
         self.up = nn.ModuleList()
         self.dec = nn.ModuleList()
-        for ch in reversed(chans[:-1]):
+        for ch in reversed(chans[out_level:-1]):
             self.up.append(nn.ConvTranspose2d(c, ch, 2, stride=2))
             self.dec.append(_block(2 * ch, ch))
             c = ch
@@ -136,26 +151,42 @@ def masked_median(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return med.view(n, 1, 1, 1)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = (mask > 0).to(x.dtype)
-    return (x * m).sum(dim=(-2, -1), keepdim=True) / m.sum(dim=(-2, -1), keepdim=True).clamp_min(1)
+def masked_mean(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean of ``x`` weighted by ``weight`` (>= 0) over the last two axes."""
+    w = weight.to(x.dtype)
+    return (x * w).sum(dim=(-2, -1), keepdim=True) / w.sum(dim=(-2, -1), keepdim=True).clamp_min(
+        1e-6)
 
 
 class BiasNet(nn.Module):
-    """``F``: image ``(n,1,S,S)`` + foreground mask -> log-field ``(n,1,S,S)``, geometric mean 1."""
+    """``F``: image ``(n,1,S,S)`` + foreground mask -> log-field, geometric mean 1 in the mask."""
 
     def __init__(self, config: BiasNetConfig | None = None) -> None:
         super().__init__()
         self.config = config or BiasNetConfig()
-        self.unet = UNet2D(2, self.config.base_channels, self.config.depth)
+        c = self.config
+        self.unet = UNet2D(2, c.base_channels, c.depth, c.out_level)
 
-    def log_field(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def coarse_log_field(self, v: torch.Tensor, mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log-field, weight)`` on the output grid (``S / out_stride``); ``weight`` is the
+        fraction of each output cell that is foreground. The log-field has weighted mean 0."""
         m = (mask > 0).to(v.dtype)
         # Robust, mask-weighted normalisation: F(c v) = F(v) exactly and air is ignored.
         x = torch.log(torch.clamp(v / masked_median(v, m), min=self.config.log_floor)) * m
         raw = self.unet(torch.cat([x, m], dim=1))
-        raw = raw - masked_mean(raw, m)  # global scale is not identifiable: geometric mean 1
-        return LOG2 * torch.tanh(raw / LOG2)  # smooth clamp of the field to [0.5, 2]
+        st = self.config.out_stride
+        weight = F.avg_pool2d(m, st) if st > 1 else m
+        raw = raw - masked_mean(raw, weight)  # global scale is not identifiable
+        return LOG2 * torch.tanh(raw / LOG2), weight
+
+    def log_field(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The log-field at the input resolution (bilinear from the output grid), mean 0 in the
+        mask."""
+        lf, _ = self.coarse_log_field(v, mask)
+        if self.config.out_stride > 1:
+            lf = F.interpolate(lf, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        return lf - masked_mean(lf, mask > 0)
 
     def forward(self, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.exp(self.log_field(v, mask))
@@ -166,42 +197,63 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # --------------------------------------------------------------------------- foreground
-def foreground_mask(image: np.ndarray) -> np.ndarray:
+def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (maximum between-class variance over a histogram).
+
+    A few lines of numpy instead of scikit-image: importing ``skimage.filters`` costs about a
+    second, more than the whole correction of a volume.
+    """
+    v = np.asarray(values, np.float64).ravel()
+    hist, edges = np.histogram(v, bins=bins)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    w0 = np.cumsum(hist).astype(np.float64)
+    w1 = w0[-1] - w0
+    s0 = np.cumsum(hist * centres)
+    m0 = s0 / np.maximum(w0, 1e-12)
+    m1 = (s0[-1] - s0) / np.maximum(w1, 1e-12)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between[:-1]))])
+
+
+def foreground_mask(image: np.ndarray, smooth: float = 0.7) -> np.ndarray:
     """Robust object mask: Otsu on a lightly smoothed image, half the threshold, holes filled.
 
     Half of Otsu's threshold keeps dark tissue (CSF, muscle) next to bright tissue while air
     stays out; Otsu is scale-equivariant, so the mask -- and the field -- ignores intensity scale.
+    This is the one foreground rule of the bias CNN (inference, benchmarks and tests use it);
+    ``smooth`` (voxels) is 0 on the working grid, whose area averaging already removed the noise.
     """
     from scipy import ndimage
-    from skimage.filters import threshold_otsu
 
-    sm = ndimage.gaussian_filter(image.astype(np.float32), 0.7)
+    sm = ndimage.gaussian_filter(image.astype(np.float32), smooth) if smooth > 0 else \
+        np.asarray(image, np.float32)
     pos = sm[sm > 0]
     if pos.size < 2 or float(pos.max()) == float(pos.min()):
         return image > 0
-    thr = 0.5 * threshold_otsu(pos)
-    mask = sm > thr
+    mask = sm > 0.5 * otsu_threshold(pos)
     for k in range(mask.shape[-1]):  # in-plane hole filling (closed ventricles, dark lesions)
         mask[..., k] = ndimage.binary_fill_holes(mask[..., k])
     return mask
 
 
 # --------------------------------------------------------------------------- volumes
-def _resample(x: np.ndarray, size: tuple[int, int, int], is_mask: bool = False) -> torch.Tensor:
+def _resample(x: np.ndarray | torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
     """Area-average along shrinking axes, then linear along growing ones."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(
+        np.ascontiguousarray(x, dtype=np.float32))
+    t = t.float()[None, None]
     shrink = tuple(min(a, b) for a, b in zip(t.shape[2:], size))
     if shrink != tuple(t.shape[2:]):
         t = F.adaptive_avg_pool3d(t, shrink)
     if shrink != tuple(size):
         t = F.interpolate(t, size=size, mode="trilinear", align_corners=False)
-    t = t[0, 0]
-    return (t > 0.5) if is_mask else t
+    return t[0, 0]
 
 
 def working_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float], size: int
                  ) -> tuple[int, int, int]:
-    """Isotropic grid covering the same extent, the largest side having ``size`` samples."""
+    """Isotropic grid covering the same extent, the largest side having ``size`` samples (never
+    more samples than the image has along an axis)."""
     ext = [n * s for n, s in zip(shape, spacing)]
     step = max(ext) / size
     return tuple(1 if n == 1 else max(2, round(e / step)) for n, e in zip(shape, ext))
@@ -209,16 +261,7 @@ def working_grid(shape: tuple[int, int, int], spacing: tuple[float, float, float
 
 def _cos_basis(n: int, order: int) -> torch.Tensor:
     """DCT-II basis ``cos(pi k (i + 0.5) / n)`` as an ``(n, order)`` matrix."""
-    t = (torch.arange(n, dtype=torch.float64) + 0.5) / n
-    k = torch.arange(order, dtype=torch.float64)
-    return torch.cos(math.pi * t[:, None] * k[None, :])
-
-
-def _cell_centres(n: int, p: int) -> torch.Tensor:
-    """Centres (in voxel coordinates) of the p-wide pooling cells along an axis of n voxels."""
-    starts = torch.arange(0, n, p, dtype=torch.float64)
-    ends = torch.clamp(starts + p, max=n)
-    return (starts + ends) / 2.0 - 0.5
+    return _basis_at(torch.arange(n, dtype=torch.float64), n, order)
 
 
 def _basis_at(coord: torch.Tensor, n: int, order: int) -> torch.Tensor:
@@ -237,20 +280,54 @@ class FieldEstimate:
     n_slices: int = 0
 
 
+# The 8 elements of the square's symmetry group D4 as (transpose, quarter turns), ordered so that
+# any prefix of length 2 or 4 is a subgroup-like spread (identity, half turn, the two mirrors...).
+_D4 = ((False, 0), (False, 2), (True, 0), (True, 2), (False, 1), (False, 3), (True, 1), (True, 3))
+
+
+def symmetrised_coarse_log_field(net: BiasNet, v: torch.Tensor, m: torch.Tensor,
+                                 n_transforms: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average of the net's coarse log-field over ``n_transforms`` rotations/reflections.
+
+    Why: a CNN is only approximately rotation/flip equivariant, so without this the field would
+    depend on how the scanner stored the axes. With all 8, permuting or flipping the volume's axes
+    permutes/flips the field exactly; fewer transforms trade that for speed.
+    """
+    if n_transforms not in (1, 2, 4, 8):
+        raise ValueError(f"n_transforms must be 1, 2, 4 or 8, got {n_transforms}")
+    n = v.shape[0]
+    ops = _D4[:n_transforms]
+
+    def fwd(x: torch.Tensor, t: bool, k: int) -> torch.Tensor:
+        return torch.rot90(x.transpose(-2, -1) if t else x, k, dims=(-2, -1))
+
+    def inv(x: torch.Tensor, t: bool, k: int) -> torch.Tensor:
+        y = torch.rot90(x, -k, dims=(-2, -1))
+        return y.transpose(-2, -1) if t else y
+
+    vs = torch.cat([fwd(v, t, k) for t, k in ops])
+    ms = torch.cat([fwd(m, t, k) for t, k in ops])
+    out, weight = net.coarse_log_field(vs, ms)
+    acc = sum(inv(out[i * n:(i + 1) * n], t, k) for i, (t, k) in enumerate(ops))
+    return acc / len(ops), inv(weight[:n], *ops[0])
+
+
 @torch.no_grad()
 def _predict_slices(net: BiasNet, work: torch.Tensor, wmask: torch.Tensor, axis: int,
                     fcfg: FusionConfig, device: torch.device
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Net log-field on slices along ``axis``; returns (log-field, weight, slice index) pooled."""
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor]:
+    """Net log-field on slices along ``axis``: ``(log-field, weight, slice index, cell centres
+    along the two in-plane axes)`` on the net's output grid, in working-grid voxel coordinates."""
     size = net.config.in_size
-    work.shape[axis]
     img = work.movedim(axis, 0)
     msk = wmask.movedim(axis, 0)
     h, w = img.shape[1:]
     area = msk.flatten(1).float().mean(1) * (h * w) / (size * size)
     keep = torch.nonzero((area >= fcfg.min_foreground) & (msk.flatten(1).sum(1) >= 32)).flatten()
+    empty = torch.empty(0)
     if keep.numel() == 0:
-        return torch.empty(0), torch.empty(0), torch.empty(0, dtype=torch.long)
+        return empty, empty, torch.empty(0, dtype=torch.long), empty, empty
     if keep.numel() > fcfg.max_slices:
         pick = torch.linspace(0, keep.numel() - 1, fcfg.max_slices).round().long()
         keep = keep[pick]
@@ -258,64 +335,33 @@ def _predict_slices(net: BiasNet, work: torch.Tensor, wmask: torch.Tensor, axis:
     pad = (px, size - w - px, py, size - h - py)
     v = F.pad(img[keep], pad).unsqueeze(1)
     m = F.pad(msk[keep].float(), pad).unsqueeze(1)
-    lf = symmetrised_log_field(net, v.to(device), m.to(device)).float().cpu()
-    return lf[:, :, py:py + h, px:px + w], m[:, :, py:py + h, px:px + w], keep
+    lf, wt = symmetrised_coarse_log_field(net, v.to(device), m.to(device), fcfg.n_transforms)
+    st = net.config.out_stride
+    cells = torch.arange(size // st, dtype=torch.float64) * st + (st - 1) / 2.0
+    return lf.float().cpu(), wt.float().cpu(), keep, cells - py, cells - px
 
 
-def symmetrised_log_field(net: BiasNet, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Average of the net over the 8 rotations/reflections of the square slice (group D4).
-
-    Why: a CNN is only approximately rotation/flip equivariant, so without this the field would
-    depend on how the scanner stored the axes (LPS vs RAS, axis order). With it, permuting or
-    flipping the volume's axes permutes/flips the field exactly; the 8 predictions also average
-    out part of the network's variance. Cost: 8 forward passes of a tiny net on 32x32 slices.
-    """
-    n = v.shape[0]
-    vs, ms = [], []
-    for t in range(2):
-        for k in range(4):
-            a, b = (v.transpose(-2, -1), m.transpose(-2, -1)) if t else (v, m)
-            vs.append(torch.rot90(a, k, dims=(-2, -1)))
-            ms.append(torch.rot90(b, k, dims=(-2, -1)))
-    out = net.log_field(torch.cat(vs), torch.cat(ms))
-    acc = torch.zeros_like(v)
-    i = 0
-    for t in range(2):
-        for k in range(4):
-            back = torch.rot90(out[i * n:(i + 1) * n], -k, dims=(-2, -1))
-            acc = acc + (back.transpose(-2, -1) if t else back)
-            i += 1
-    return acc / 8.0
-
-
-def estimate_log_field(net: BiasNet, image: np.ndarray, spacing: tuple[float, float, float],
-                       mask: np.ndarray, fcfg: FusionConfig | None = None,
-                       device: torch.device | str = "cpu") -> FieldEstimate:
-    """Fuse slice-wise predictions of a 3-D array (2-D as ``n x m x 1``) into a smooth log-field."""
+def estimate_log_field(net: BiasNet, work: torch.Tensor, wmask: torch.Tensor,
+                       shape: tuple[int, int, int], spacing: tuple[float, float, float],
+                       fcfg: FusionConfig | None = None, device: torch.device | str = "cpu"
+                       ) -> FieldEstimate:
+    """Fuse slice-wise predictions on the working grid ``work`` (mask ``wmask``) of an image of
+    ``shape``/``spacing`` into the coefficients of a smooth 3-D log-field."""
     fcfg = fcfg or FusionConfig()
     device = torch.device(device)
-    shape = tuple(int(s) for s in image.shape)
-    grid = working_grid(shape, spacing, net.config.in_size)
-    work = _resample(image, grid)
-    # The mask is found at full resolution and area-resampled (kept where > half a working voxel
-    # is object): measured better than thresholding the working grid, whose partial-volume rim
-    # of dark voxels was taken for shading (consistency error 0.034 vs 0.073 on sub-brain01 T1w).
-    wmask = _resample(mask.astype(np.float32), grid, is_mask=True)
+    grid = tuple(int(g) for g in work.shape)
     usable = [ax for ax in range(3)
               if min(shape[a] for a in range(3) if a != ax) >= fcfg.min_inplane]
     inplane_somewhere = [any(a != ax for ax in usable) for a in range(3)]
     # An axis that is never in-plane (the stacking axis of a thin stack: 5-12 slices) is seen
     # only through slice-to-slice changes of independent 2-D predictions: allow at most a gentle
-    # (half-cosine) change along it, else noise between slices is fitted as wild oscillations.
-    # Physical prior: a bias field does not vary on scales below a few centimetres, so an axis
-    # of extent E keeps only cosines whose half-wavelength E / k is >= min_half_wavelength_mm
-    # (a 6 cm phantom gets 3 per axis, a 19 cm head 6); without it, small objects were fitted
-    # with 2.4 cm ripples.
+    # change along it. Physical prior: a bias field does not vary on scales below a few
+    # centimetres, so an axis of extent E keeps only cosines whose half-wavelength E / k is at
+    # least min_half_wavelength_mm (a 6 cm phantom gets 3 per axis, a 19 cm head 6).
     extent = [n * s for n, s in zip(shape, spacing)]
     orders = tuple(min(fcfg.order if inplane_somewhere[a] else fcfg.stack_order, g,
                        1 + int(extent[a] // fcfg.min_half_wavelength_mm))
                    for a, g in enumerate(grid))
-    bases = [_cos_basis(g, o) for g, o in zip(grid, orders)]
     kx, ky, kz = torch.meshgrid(*[torch.arange(o, dtype=torch.float64) for o in orders],
                                 indexing="ij")
     n_coef = orders[0] * orders[1] * orders[2]
@@ -325,29 +371,22 @@ def estimate_log_field(net: BiasNet, image: np.ndarray, spacing: tuple[float, fl
     n_slices = 0
     for axis in usable:
         inplane = [a for a in range(3) if a != axis]
-        lf, wt, idx = _predict_slices(net, work, wmask, axis, fcfg, device)
+        y, wsum, idx, c0, c1 = _predict_slices(net, work, wmask, axis, fcfg, device)
         if idx.numel() == 0:
             continue
         used.append(axis)
         n_slices += idx.numel()
-        p = fcfg.pool
-        # Pool predictions and weights into p x p cells (mask-weighted mean of the log-field).
-        wsum = F.avg_pool2d(wt, p, ceil_mode=True)
-        y = F.avg_pool2d(lf * wt, p, ceil_mode=True) / wsum.clamp_min(1e-6)
-        h, w = lf.shape[2:]
-        b_in = [_basis_at(_cell_centres(shape_n, p), grid[a], orders[a])
-                for a, shape_n in zip(inplane, (h, w))]
-        b_ax = bases[axis][idx]  # (S, o_axis)
-        # Full design for each slice s, cell (i, j): prod of the three 1-D bases, in axis order.
+        b_in = [_basis_at(c, grid[a], orders[a]) for a, c in zip(inplane, (c0, c1))]
+        b_ax = _cos_basis(grid[axis], orders[axis])[idx]  # (S, o_axis)
         per_axis = {axis: b_ax[:, None, None, :], inplane[0]: b_in[0][None, :, None, :],
                     inplane[1]: b_in[1][None, None, :, :]}
+        s, hh, ww = idx.numel(), y.shape[2], y.shape[3]
         design = torch.einsum("sija,sijb,sijc->sijabc",
-                              per_axis[0].expand(idx.numel(), y.shape[2], y.shape[3], -1),
-                              per_axis[1].expand(idx.numel(), y.shape[2], y.shape[3], -1),
-                              per_axis[2].expand(idx.numel(), y.shape[2], y.shape[3], -1))
-        design = design.reshape(idx.numel(), -1, n_coef)
-        wv = wsum[:, 0].reshape(idx.numel(), -1).double()
-        yv = y[:, 0].reshape(idx.numel(), -1).double()
+                              per_axis[0].expand(s, hh, ww, -1),
+                              per_axis[1].expand(s, hh, ww, -1),
+                              per_axis[2].expand(s, hh, ww, -1)).reshape(s, -1, n_coef)
+        wv = wsum[:, 0].reshape(s, -1).double()
+        yv = y[:, 0].reshape(s, -1).double()
         # Free offset per slice, eliminated by weighted centring of design and data per slice.
         wn = wv / wv.sum(1, keepdim=True).clamp_min(1e-12)
         design = design - (wn[:, :, None] * design).sum(1, keepdim=True)
@@ -369,29 +408,62 @@ def estimate_log_field(net: BiasNet, image: np.ndarray, spacing: tuple[float, fl
     return FieldEstimate(coef.reshape(orders).float(), orders, used, n_slices)
 
 
-def evaluate_log_field(est: FieldEstimate, shape: tuple[int, int, int]) -> np.ndarray:
-    """The smooth log-field at full resolution (separable evaluation of the cosine basis)."""
+def evaluate_log_field(est: FieldEstimate, shape: tuple[int, int, int]) -> torch.Tensor:
+    """The smooth log-field on an ``shape`` grid covering the image (separable evaluation)."""
     bx, by, bz = (_cos_basis(n, o).float() for n, o in zip(shape, est.orders))
     t = torch.einsum("abc,zc->abz", est.coef, bz)
     t = torch.einsum("abz,yb->ayz", t, by)
-    t = torch.einsum("ayz,xa->xyz", t, bx)
-    return t.numpy()
+    return torch.einsum("ayz,xa->xyz", t, bx)
+
+
+def working_images(image: np.ndarray, spacing: tuple[float, float, float], in_size: int,
+                   mask: np.ndarray | None = None, mask_factor: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(image, mask)`` on the net's working grid (area-averaged).
+
+    A user's mask is area-resampled and kept where more than half a working voxel is object.
+    Otherwise the foreground rule runs on the working grid itself (``mask_factor`` 1: the
+    averaging has removed the noise, and at full resolution the rule costs more than the whole
+    network) or on a grid ``mask_factor`` times finer, area-resampled.
+    """
+    shape = tuple(int(s) for s in image.shape)
+    grid = working_grid(shape, spacing, in_size)
+    if mask is not None:
+        work = _resample(image, grid)
+        wmask = _resample(np.asarray(mask, np.float32), grid) > 0.5
+        return work, wmask
+    if mask_factor <= 1:
+        work = _resample(image, grid)
+        wmask = torch.from_numpy(foreground_mask(work.numpy(), smooth=0.0))
+    else:
+        fine_grid = tuple(min(n, g * mask_factor) for n, g in zip(shape, grid))
+        fine = _resample(image, fine_grid)
+        work = _resample(fine, grid)
+        wmask = _resample(torch.from_numpy(foreground_mask(fine.numpy())).float(), grid) > 0.5
+    if not bool(wmask.any()):
+        wmask = work > 0
+    return work, wmask
 
 
 def apply_to_volume(net: BiasNet, image: np.ndarray, spacing: tuple[float, float, float],
                     mask: np.ndarray | None = None, fcfg: FusionConfig | None = None,
-                    device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Field (geometric mean 1 in the mask, clamped to [0.5, 2]) and the mask used, for a 3-D array.
-
-    No validation here (see :func:`qmri_bids.bias.inference.correct_bias_cnn` for user input).
-    """
+                    device: torch.device | str = "cpu") -> tuple[np.ndarray, FieldEstimate]:
+    """The field of a 3-D array (geometric mean 1 in the foreground, clamped to [0.5, 2]) and the
+    estimate it came from. No validation here (see :mod:`qmri_bids.bias.inference`)."""
+    fcfg = fcfg or FusionConfig()
     img = np.asarray(image, dtype=np.float32)
-    m = foreground_mask(img) if mask is None else np.asarray(mask, bool)
-    if not m.any():
-        m = img > 0
-    est = estimate_log_field(net, img, spacing, m, fcfg, device)
-    lf = evaluate_log_field(est, img.shape)
-    lf -= lf[m].mean()
+    work, wmask = working_images(img, spacing, net.config.in_size, mask, fcfg.mask_factor)
+    if not bool(wmask.any()):
+        from qmri_bids.errors import BadDataError
+
+        raise BadDataError("no foreground found in the image: cannot estimate a bias field")
+    shape = tuple(int(s) for s in img.shape)
+    est = estimate_log_field(net, work, wmask, shape, spacing, fcfg, device)
+    # Geometric mean 1 inside the foreground, measured on the working grid (same field, same
+    # object, a thousand times fewer voxels than the full resolution).
+    offset = float(evaluate_log_field(est, tuple(work.shape))[wmask].mean())
+    lf = evaluate_log_field(est, shape)
+    lf -= offset
     log.debug("bias CNN: orientations %s, %d slices, basis orders %s", est.orientations,
               est.n_slices, est.orders)
-    return np.clip(np.exp(lf), 0.5, 2.0).astype(np.float32), m
+    return torch.exp(lf).clamp_(0.5, 2.0).numpy(), est

@@ -166,3 +166,43 @@ def random_bias_field_torch(n: int, shape: tuple[int, int], generator: torch.Gen
     top = masked_peak.amax(dim=(2, 3), keepdim=True).clamp_min(1e-12)
     b = 1.0 + (peak.view(n, 1, 1, 1) - 1.0) / top * centred
     return b.clamp_min(MIN_FIELD)
+
+
+def random_coil_field_torch(n: int, shape: tuple[int, int], generator: torch.Generator,
+                            max_ratio: tuple[float, float] = (1.3, 3.0),
+                            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """A batch of ``n`` receive-coil-like 2-D fields ``(n, 1, H, W)``, geometric mean 1 in ``mask``.
+
+    Why a second kind: Gaussian random fields are symmetric around their mean, but surface and
+    array coils give one-sided profiles, bright near the elements and falling off with depth (a
+    knee or spine coil, a 32-channel head array at 7 T). Each field is the root-sum-of-squares
+    of 1-4 element sensitivities ``(1 + (d / d0)**2) ** -1.5`` (the on-axis profile of a loop of
+    radius ``d0``), with elements on a ring around the image centre, then its log is scaled so that
+    ``max / min`` inside ``mask`` equals a ratio drawn from ``max_ratio``.
+    """
+    h, w = int(shape[0]), int(shape[1])
+    yy = (torch.arange(h, dtype=torch.float32) + 0.5) / max(h, w) - 0.5 * h / max(h, w)
+    xx = (torch.arange(w, dtype=torch.float32) + 0.5) / max(h, w) - 0.5 * w / max(h, w)
+    yy, xx = yy.view(1, h, 1), xx.view(1, 1, w)
+    out = torch.empty(n, 1, h, w)
+    m = torch.ones(n, 1, h, w) if mask is None else (mask > 0).float()
+    for i in range(n):
+        k = int(torch.randint(1, 5, (1,), generator=generator))
+        ang = 2 * math.pi * torch.rand(k, generator=generator)
+        rad = 0.45 + 0.35 * torch.rand(k, generator=generator)
+        d0 = 0.15 + 0.5 * torch.rand(k, generator=generator)
+        cy, cx = (rad * torch.sin(ang)).view(k, 1, 1), (rad * torch.cos(ang)).view(k, 1, 1)
+        d2 = (yy - cy) ** 2 + (xx - cx) ** 2
+        sens = (1.0 + d2 / d0.view(k, 1, 1) ** 2) ** -1.5
+        lf = 0.5 * torch.log((sens ** 2).sum(0) + 1e-12)
+        sel = m[i, 0] > 0
+        if not bool(sel.any()):
+            sel = torch.ones_like(sel)
+        lf = lf - lf[sel].mean()
+        span = float(lf[sel].max() - lf[sel].min())
+        ratio = max_ratio[0] + (max_ratio[1] - max_ratio[0]) * float(
+            torch.rand(1, generator=generator))
+        if span > 1e-6:
+            lf = lf * (math.log(ratio) / span)
+        out[i, 0] = torch.exp(lf)
+    return out

@@ -98,10 +98,7 @@ def correct_bias_cnn(image: np.ndarray, spacing: Sequence[float], model: BiasMod
     else:
         m = None
     dev = torch.device(device)
-    field, used_mask = apply_to_volume(net, data, sp, mask=m, fcfg=fusion, device=dev)
-    used_mask &= finite
-    if not used_mask.any():
-        raise BadDataError("no foreground found in the image: cannot estimate a bias field")
+    field, _ = apply_to_volume(net, data, sp, mask=m, fcfg=fusion, device=dev)
     corrected = data / field
     corrected[~finite] = np.nan
     return (corrected.reshape(orig_shape).astype(np.float32),

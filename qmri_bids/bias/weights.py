@@ -11,7 +11,6 @@ model would give silently different results.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -21,12 +20,10 @@ import torch
 
 from qmri_bids.bias.cnn import BiasNet, BiasNetConfig, FusionConfig
 from qmri_bids.errors import BadDataError
-from qmri_bids.provenance import sha256_file
 
 log = logging.getLogger("qmri_bids.bias")
 
-DEFAULT_MODEL = "bias_cnn_v1"
-MODEL_FORMAT = "qmri-bids-bias-cnn"
+DEFAULT_MODEL = "bias_cnn_v2"
 
 
 @dataclass
@@ -53,7 +50,7 @@ def models_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str | Path = DEFAULT_MODEL) -> Path:
-    """A name (``bias_cnn_v1``) means the packaged model; a path to ``*.safetensors`` is used as is."""
+    """A name (``bias_cnn_v2``) means the packaged model; a path to ``*.safetensors`` is used as is."""
     p = Path(name_or_path)
     if p.suffix == ".safetensors" or p.parent != Path("."):
         return p
@@ -61,49 +58,31 @@ def resolve_model_path(name_or_path: str | Path = DEFAULT_MODEL) -> Path:
 
 
 def read_card(weights: Path) -> dict:
-    card_path = weights.with_suffix(".json")
-    if not card_path.is_file():
-        raise BadDataError(f"model card {card_path} is missing: cannot verify {weights.name} "
-                           "(reinstall qmri-bids or export the model with its card)")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadDataError(f"model card {card_path} is not readable JSON: {exc}") from exc
-    if not isinstance(card, dict) or card.get("format") != MODEL_FORMAT or "sha256" not in card:
-        raise BadDataError(f"model card {card_path} is not a {MODEL_FORMAT} card "
-                           "(missing 'format' or 'sha256')")
-    return card
+    """The model card next to ``weights`` (version 2, or a shipped version-1 card)."""
+    from qmri_bids.artifacts import read_card as read_model_card
+
+    return read_model_card(weights, kind="bias-cnn", required=("architecture",))
 
 
 def load_model(name_or_path: str | Path = DEFAULT_MODEL, device: torch.device | str = "cpu"
                ) -> BiasModel:
-    """Load and verify a model (default: the shipped ``bias_cnn_v1``); see module docstring."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """Load and verify a model (default: the shipped ``DEFAULT_MODEL``); see module docstring."""
+    from qmri_bids.artifacts import load_weights
 
     weights = resolve_model_path(name_or_path)
     if not weights.is_file():
         raise BadDataError(f"bias-field model weights {weights} not found "
                            "(the installation is incomplete; reinstall qmri-bids)")
-    card = read_card(weights)
-    digest = sha256_file(weights)
-    if digest != card["sha256"]:
-        raise BadDataError(f"bias-field model {weights} failed its integrity check: sha256 "
-                           f"{digest} but its card {weights.with_suffix('.json').name} says "
-                           f"{card['sha256']} (file corrupt, truncated or replaced)")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BadDataError(f"bias-field model {weights} cannot be read: {exc}") from exc
+    state, card = load_weights(weights, kind="bias-cnn", required=("architecture",))
     try:
         cfg = BiasNetConfig.from_dict(card["architecture"]["config"])
-        fusion = FusionConfig(**card.get("inference", {}).get("fusion", {}))
+        fusion = FusionConfig.from_dict(card.get("inference", {}).get("fusion", {}))
         net = BiasNet(cfg)
         net.load_state_dict(state, strict=True)
     except (KeyError, TypeError, RuntimeError) as exc:
         raise BadDataError(f"bias-field model {weights} does not match the architecture its "
                            f"card declares: {exc}") from exc
     net.eval().to(torch.device(device))
-    log.info("loaded bias CNN %s (sha256 %s..., %d steps)", weights.name, digest[:12],
-             card.get("training", {}).get("steps", -1))
+    log.info("loaded bias CNN %s (sha256 %s..., %s steps)", weights.name, card["sha256"][:12],
+             card.get("training", {}).get("steps", "?"))
     return BiasModel(net=net, fusion=fusion, card=card, path=weights)

@@ -2,15 +2,14 @@
 
 File names are built from pybids path patterns (as fMRIPrep's DerivativesDataSink does) so that
 ``sub-X[_ses-Y][_acq-Z]..._desc-n4_T1w.nii.gz`` and friends come out of one rule. Every file is
-written to a temporary name in the destination folder and renamed, so an interrupted run never
-leaves a half-written file that looks complete.
+written through :mod:`qmri_bids.artifacts` (a temporary name in the destination folder, then a
+rename), so an interrupted run never leaves a half-written file that looks complete.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -19,17 +18,28 @@ import nibabel as nib
 import numpy as np
 
 from qmri_bids import __version__
-from qmri_bids.errors import CannotWriteError
+
+# The project's one set of atomic writers; imported here because derivative writers (and the
+# CLI, group level and validation, which import them from this module) use them.
+from qmri_bids.artifacts import (
+    atomic_copy,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
+
+__all__ = ["atomic_copy", "atomic_write_json", "atomic_write_text", "bids_uri", "container_info",
+           "derivative_path", "save_like", "sidecar_for", "write_dataset_description"]
 
 CODE_URL = "https://github.com/qmri-bids/qmri-bids"
 
 # Entity order follows the BIDS entity table; qMRI grouping entities (flip, inv, mt, echo) are
 # kept so that per-member derivatives stay unique.
 PATH_PATTERNS = [
-    "sub-{subject}[/ses-{session}]/{datatype<anat|fmap>|anat}/sub-{subject}[_ses-{session}]"
-    "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
-    "[_flip-{flip}][_inv-{inv}][_mt-{mt}][_part-{part}][_space-{space}][_res-{resolution}]"
-    "[_desc-{desc}]_{suffix}{extension<.nii|.nii.gz|.json|.tsv|.html|.svg|.png>|.nii.gz}",
+    ("sub-{subject}[/ses-{session}]/{datatype<anat|fmap>|anat}/sub-{subject}[_ses-{session}]"
+     "[_acq-{acquisition}][_ce-{ceagent}][_rec-{reconstruction}][_run-{run}][_echo-{echo}]"
+     "[_flip-{flip}][_inv-{inv}][_mt-{mt}][_part-{part}][_space-{space}][_res-{resolution}]"
+     "[_desc-{desc}]_{suffix}{extension<.nii|.nii.gz|.json|.tsv|.html|.svg|.png>|.nii.gz}"),
 ]
 
 # Entities of the source file that derivative names inherit.
@@ -66,53 +76,6 @@ def bids_uri(bids_dir: Path, path: Path, dataset: str = "raw") -> str:
     return f"bids:{dataset}:{rel.as_posix()}"
 
 
-def _atomic_write(path: Path, write) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CannotWriteError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def atomic_write_json(path: Path, obj: Any) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
-                             + "\n")
-
-
-def atomic_copy(src: Path, dst: Path) -> Path:
-    return _atomic_write(dst, lambda tmp: tmp.write_bytes(Path(src).read_bytes()))
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
 def save_like(data: np.ndarray, reference: nib.spatialimages.SpatialImage, path: Path,
               dtype: Any = np.float32) -> Path:
     """Save ``data`` with the geometry of ``reference``: affine, qform/sform and their codes."""
@@ -136,7 +99,7 @@ def save_like(data: np.ndarray, reference: nib.spatialimages.SpatialImage, path:
         nib.save(img, str(named))
         os.replace(named, tmp)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def write_dataset_description(output_dir: Path, bids_dir: Path,
@@ -170,9 +133,30 @@ def write_dataset_description(output_dir: Path, bids_dir: Path,
             source["DOI"] = raw_desc["DatasetDOI"]
         desc["SourceDatasets"] = [source]
     out = atomic_write_json(Path(output_dir) / "dataset_description.json", desc)
-    atomic_write_text(Path(output_dir) / ".bidsignore", "logs/\n*/log/\n*.html\nfigures/\n"
-                      "*_MRF.*\n")
+    # gitignore syntax as bids-validator-deno applies it: "*/log" matches the folder sub-X/log
+    # ("*/log/" does not); qc/ holds the participant IQM tables, group_*.tsv the group tables.
+    atomic_write_text(Path(output_dir) / ".bidsignore", "logs/\n*/log\n*/qc\n*.html\n"
+                      "figures/\n*_MRF.*\ngroup_*.tsv\n")
+    readme = Path(output_dir) / "README.md"
+    if not readme.exists() and not (Path(output_dir) / "README").exists():
+        # BIDS recommends one (the validator warns without it); a user's own is kept.
+        atomic_write_text(readme, DERIVATIVES_README.format(version=__version__, url=CODE_URL))
     return out
+
+
+DERIVATIVES_README = """# qmri-bids derivatives
+
+Written by qmri-bids {version} ({url}).
+
+- `sub-<label>/anat/`: bias-field corrected images (`desc-cnn`, `desc-n4`) with their fields
+  (`desc-cnnfield`, `desc-n4field`), and quantitative maps per collection
+  (`acq-<collection>_<map>`; `desc-nlls`/`desc-dict`: reference estimates; `desc-crbsd`:
+  Cramér-Rao standard deviations).
+- `sub-<label>.html`: participant reports; `group_report.html` and `group_*.tsv`: group level.
+- `sub-<label>/log/<run>/`: run records, configuration, logs and crash files;
+  `sub-<label>/qc/`: image quality metrics read by the group level.
+- `logs/`: run summaries and the methods text (`CITATION.md`, `.bib`, `.html`).
+"""
 
 
 def container_info() -> dict[str, str] | None:

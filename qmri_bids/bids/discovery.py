@@ -5,10 +5,15 @@ parallel runs never share a locked database, and with unselected subjects exclud
 index), then collects, per participant and session:
 
 * anatomical images (``T1w``, ``T2w``, ``PDw``, ``T2starw``, ``FLAIR``) for bias-field correction;
-* qMRI file collections (BIDS specification, appendix "Quantitative MRI"), each declared once in
-  ``COLLECTION_SPECS``; a collection whose member or required field is missing is skipped with a
-  logged reason naming the file and the field;
-* ``TB1map`` field maps under ``fmap/``, attached to the collections their ``IntendedFor`` names.
+* qMRI file collections (BIDS specification, appendix "Quantitative MRI"), each declared once by
+  the signal model that maps it (``COLLECTION_SPECS``, from the registry in
+  :mod:`qmri_bids.qmri.models`); a collection whose member or required field is missing or
+  invalid (:mod:`qmri_bids.qmri.sidecar`, the one sidecar validator) is skipped with a logged
+  reason naming the file and the field, and counts as unusable input (exit 65);
+* ``TB1map`` field maps under ``fmap/``, attached to the collections their ``IntendedFor`` names;
+  a collection's own ``IntendedFor`` (``Collection.intended_for``) is kept for collections whose
+  maps serve others (a ``TB1DAM`` B1+ map, linked in pre-flight by
+  :func:`qmri_bids.qmri.plan.link_b1_providers`).
 """
 
 from __future__ import annotations
@@ -16,12 +21,19 @@ from __future__ import annotations
 import json
 import logging
 import re
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from qmri_bids.errors import MissingInputError, NothingSelectedError, UsageError
+from qmri_bids.errors import BadDataError, MissingInputError, NothingSelectedError, UsageError
+from qmri_bids.qmri.base import CollectionSpec
+from qmri_bids.qmri.models import collection_model, collection_specs
+from qmri_bids.qmri.sidecar import field_problem, missing_field
+
+if TYPE_CHECKING:
+    from qmri_bids.qmri.plan import CollectionPlan
 
 LOGGER = logging.getLogger("qmri_bids.discovery")
 
@@ -29,40 +41,8 @@ ANAT_SUFFIXES: tuple[str, ...] = ("T1w", "T2w", "PDw", "T2starw", "FLAIR")
 NIFTI_EXTENSIONS = [".nii.gz", ".nii"]
 
 
-@dataclass(frozen=True)
-class CollectionSpec:
-    """How one qMRI file collection is recognised and what it must carry."""
-
-    suffix: str
-    grouping: tuple[str, ...]  # entities that distinguish the members (flip, inv, echo, mt)
-    required_metadata: tuple[str, ...]
-    min_members: int = 2
-    description: str = ""
-
-
-# The BIDS qMRI appendix, declared once. MRF is this project's own convention (see the README).
-COLLECTION_SPECS: dict[str, CollectionSpec] = {
-    spec.suffix: spec
-    for spec in (
-        CollectionSpec("VFA", ("flip",), ("FlipAngle", "RepetitionTimeExcitation"),
-                       description="variable flip angle SPGR (T1, M0)"),
-        CollectionSpec("IRT1", ("inv",), ("InversionTime",),
-                       description="inversion recovery (T1)"),
-        CollectionSpec("MESE", ("echo",), ("EchoTime",),
-                       description="multi-echo spin echo (T2)"),
-        CollectionSpec("MEGRE", ("echo",), ("EchoTime",),
-                       description="multi-echo gradient echo (T2*)"),
-        CollectionSpec("MTS", ("flip", "mt"), ("FlipAngle", "MTState", "RepetitionTimeExcitation"),
-                       min_members=3, description="MT saturation (MTsat, T1)"),
-        CollectionSpec("MTR", ("mt",), ("MTState",), description="MT ratio"),
-        CollectionSpec("MP2RAGE", ("inv",),
-                       ("InversionTime", "FlipAngle", "RepetitionTimeExcitation",
-                        "RepetitionTimePreparation", "NumberShots"),
-                       description="MP2RAGE (T1, UNIT1)"),
-        CollectionSpec("MRF", ("part",), ("FlipAngle", "RepetitionTimeExcitation", "EchoTime"),
-                       min_members=2, description="MR fingerprinting (T1, T2, M0)"),
-    )
-}
+# The BIDS qMRI appendix (and this project's MRF convention), declared by the signal models.
+COLLECTION_SPECS: dict[str, CollectionSpec] = collection_specs()
 
 # Which grouping entities may be *absent* from a member (BIDS lets MTR omit nothing, but
 # MTState can be deduced from the ``mt`` entity, so we accept it from either place).
@@ -86,6 +66,11 @@ class Collection:
     entities: dict[str, str]  # entities shared by all members (acq, run, ...), not grouping ones
     members: list[Member]
     b1map: Path | None = None
+    #: what will be done with it, decided once in pre-flight (qmri_bids.qmri.plan)
+    plan: CollectionPlan | None = None
+    #: resolved ``IntendedFor`` of its members: the images its maps are meant for (empty: not
+    #: given); read for collections that provide a map to others
+    intended_for: frozenset[Path] = frozenset()
 
     @property
     def spec(self) -> CollectionSpec:
@@ -103,6 +88,8 @@ class AnatImage:
     suffix: str
     entities: dict[str, str]
     metadata: dict[str, Any]
+    #: voxels of the image, from its header in pre-flight (sizes the correction nodes)
+    n_voxels: int | None = None
 
 
 @dataclass
@@ -110,6 +97,8 @@ class Skipped:
     what: str
     path: Path | None
     reason: str
+    #: an unusable input (the run ends with exit 65); False: only a warning
+    unusable: bool = True
 
 
 @dataclass
@@ -141,7 +130,21 @@ def normalise_labels(labels: Iterable[str] | None, prefix: str) -> list[str] | N
 
 
 def list_subjects_on_disk(bids_dir: Path) -> list[str]:
-    return sorted(p.name[4:] for p in bids_dir.glob("sub-*") if p.is_dir())
+    """Labels of the ``sub-<label>`` folders; a folder whose label is not alphanumeric (BIDS
+    labels are; a name that is not UTF-8 is not) is not a subject: ignored with a warning."""
+    from qmri_bids.bids.scan import valid_label
+
+    labels = []
+    for folder in sorted(bids_dir.glob("sub-*")):
+        if not folder.is_dir():
+            continue
+        if not valid_label(folder.name[4:]):
+            shown = str(folder).encode("utf-8", "backslashreplace").decode("utf-8")
+            LOGGER.warning("%s: not a subject folder (BIDS labels are alphanumeric): ignored",
+                           shown)
+            continue
+        labels.append(folder.name[4:])
+    return labels
 
 
 def select_participants(bids_dir: Path, labels: list[str] | None) -> list[str]:
@@ -186,7 +189,54 @@ def load_filters(path: Path | None) -> dict[str, dict[str, Any]]:
         raise UsageError(
             f"--bids-filter-file {path}: unknown key(s) {unknown}; use one of {sorted(known)}"
         )
+    for key, query in raw.items():
+        for entity, value in query.items():
+            problem = _filter_problem(entity, value)
+            if problem:
+                raise UsageError(f"--bids-filter-file {path}: in {key!r}: {problem}")
     return raw
+
+
+# A pybids query value: null (entity absent), "*" (any value), a string, a number or a list
+# of strings/numbers (any of them).
+_FILTER_SCALARS = (str, int, float)
+
+
+def _filter_entities() -> frozenset[str]:
+    """The entities pybids knows in file names (its 'bids' configuration), read once."""
+    global _FILTER_ENTITIES
+    if _FILTER_ENTITIES is None:
+        from bids.layout.models import Config
+
+        _FILTER_ENTITIES = frozenset(Config.load("bids").entities)
+    return _FILTER_ENTITIES
+
+
+_FILTER_ENTITIES: frozenset[str] | None = None
+
+
+def _filter_problem(entity: Any, value: Any) -> str | None:
+    """Why ``entity: value`` is not a usable filter (checked before pybids sees it, whose
+    errors would otherwise stop the run as an internal error)."""
+    import math
+
+    known = _filter_entities()
+    # CamelCase keys are sidecar fields, which pybids can also filter on (``EchoTime``).
+    if not isinstance(entity, str) or (entity not in known
+                                       and not re.fullmatch(r"[A-Z][A-Za-z0-9]*", entity)):
+        return (f"unknown entity {entity!r}; entities are {', '.join(sorted(known))} "
+                "(or a sidecar field such as EchoTime)")
+    values = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and not value:
+        return f"entity {entity!r}: an empty list matches nothing"
+    for item in values:
+        if item is None and not isinstance(value, list):
+            continue
+        if isinstance(item, bool) or not isinstance(item, _FILTER_SCALARS) or (
+                isinstance(item, float) and not math.isfinite(item)):
+            return (f"entity {entity!r}: {item!r} is not a usable value (use a string, a number, "
+                    'a list of them, null for "absent" or "*" for "any")')
+    return None
 
 
 def _pybids_query(filters: Mapping[str, Any]) -> dict[str, Any]:
@@ -208,28 +258,50 @@ def build_layout(bids_dir: Path, database_dir: Path, subjects: list[str]):
     from bids import BIDSLayout
     from bids.layout import BIDSLayoutIndexer
 
+    from qmri_bids.bids.scan import SKIPPED_TOP_LEVEL, scan_dataset
+
     keep = "|".join(re.escape(s) for s in subjects)
+    # What pybids must not walk into or parse (symlink loops, duplicate paths, broken JSON,
+    # names that are not UTF-8): decided by a bounded walk first (qmri_bids.bids.scan).
+    scan = scan_dataset(bids_dir, subjects)
     ignore = [
-        re.compile(r"^/(code|derivatives|sourcedata|stimuli|models)(/|$)"),
+        re.compile(rf"^/({'|'.join(SKIPPED_TOP_LEVEL)})(/|$)"),
         re.compile(r"^/\."),
         re.compile(rf"^/sub-(?!({keep})(/|$))"),
+        scan.ignore_pattern(),
     ]
     database_dir.mkdir(parents=True, exist_ok=True)
     indexer = BIDSLayoutIndexer(validate=False, ignore=ignore)
-    return BIDSLayout(
+    layout = BIDSLayout(
         str(bids_dir),
         validate=False,
         database_path=str(database_dir),
         reset_database=True,
         indexer=indexer,
     )
+    _LAYOUT_SCANS[layout] = scan
+    return layout
+
+
+# The scan behind each layout built here, so that metadata reads can name a broken sidecar
+# that was kept out of the index (weak: it goes with its layout).
+_LAYOUT_SCANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _read_metadata(layout, path: Path) -> dict[str, Any]:
-    """Merged sidecar metadata (BIDS inheritance), with a clear message for broken JSON."""
+    """Merged sidecar metadata (BIDS inheritance), with a clear message for broken JSON.
+
+    A sidecar that is not valid JSON was kept out of the index (``build_layout``): the
+    metadata returned then lacks its fields, and the warning names it, its line and column.
+    The CLI skips such an image as unusable (exit 65).
+    """
+    scan = _LAYOUT_SCANS.get(layout)
+    if scan is not None:
+        for json_path, reason in scan.broken_sidecars_of(path):
+            LOGGER.warning("%s: its JSON sidecar %s %s", path, json_path, reason)
     try:
         return dict(layout.get_metadata(str(path)))
-    except (json.JSONDecodeError, ValueError) as exc:
+    except (json.JSONDecodeError, ValueError, OSError) as exc:
         LOGGER.warning("%s: its JSON sidecar cannot be read (%s); using no metadata", path, exc)
         return {}
 
@@ -244,7 +316,8 @@ def _member_sort_key(member: Member, grouping: tuple[str, ...]) -> tuple:
     for ent in grouping:
         value = member.entities.get(ent, "")
         key.append((0, int(value), "") if value.isdigit() else (1, 0, value))
-    return tuple(key)
+    # the parts of one member (MP2RAGE inv-1 part-mag/part-phase) in a fixed order
+    return (*key, member.entities.get("part", ""))
 
 
 def _resolve_intended_for(value: Any, bids_dir: Path, subject: str) -> list[Path]:
@@ -263,72 +336,18 @@ def _resolve_intended_for(value: Any, bids_dir: Path, subject: str) -> list[Path
     return [p.resolve() for p in out]
 
 
-# What a required field must hold: "bool" or a number with a lower bound (strict or not).
-# Units follow BIDS (seconds, degrees). A value of the wrong type (``"FlipAngle": "20"``) is a
-# problem of the sidecar, reported like a missing field rather than failing later in a model.
-_FIELD_RULES: dict[str, tuple[str, float | None, bool]] = {
-    "FlipAngle": ("number", 0.0, True),
-    "RepetitionTimeExcitation": ("number", 0.0, True),
-    "RepetitionTimePreparation": ("number", 0.0, True),
-    "EchoTime": ("number", 0.0, True),
-    "InversionTime": ("number", 0.0, False),
-    "NumberShots": ("number", 0.0, True),
-    "MTState": ("bool", None, False),
-}
-
-
-def _is_number(value: Any) -> bool:
-    import math
-
-    return (isinstance(value, int | float) and not isinstance(value, bool)
-            and math.isfinite(value))
-
-
-# Fields that may hold one value per member *or* a list: NumberShots (BIDS: per segment) and the
-# MR fingerprinting schedule (one value per time point; see MRF_CONVENTION.md).
-_LIST_FIELDS = {("MP2RAGE", "NumberShots"), ("MRF", "FlipAngle"),
-                ("MRF", "RepetitionTimeExcitation"), ("MRF", "EchoTime")}
-
-
-def _field_problem(key: str, value: Any, suffix: str = "") -> str | None:
-    kind, bound, strict = _FIELD_RULES.get(key, ("any", None, False))
-    if kind == "bool":
-        if not isinstance(value, bool):
-            return f"metadata field {key!r} must be true or false, got {value!r}"
-        return None
-    if kind == "number":
-        listed = (suffix, key) in _LIST_FIELDS and isinstance(value, list) and value
-        values = value if listed else [value]
-        if not all(_is_number(v) for v in values):
-            return f"metadata field {key!r} must be a number, got {value!r}"
-        if bound is not None and any((v <= bound) if strict else (v < bound) for v in values):
-            return (f"metadata field {key!r} must be {'>' if strict else '>='} {bound:g}, "
-                    f"got {value!r}")
-    return None
-
-
-def _mrf_schedule_tsv(member: Member) -> bool:
-    """An MRF series may keep its schedule in ``<prefix>_mrfschedule.tsv`` instead of arrays in
-    the sidecar (``qmri_bids.qmri.models.mrf.read_mrf_schedule``)."""
-    try:
-        from qmri_bids.qmri.models.mrf import schedule_tsv_path
-    except ImportError:
-        return False
-    return Path(schedule_tsv_path(member.path)).is_file()
-
-
 def _check_member_metadata(spec: CollectionSpec, member: Member) -> str | None:
+    model_cls = collection_model(spec.suffix)
     for key in spec.required_metadata:
         if key not in member.metadata and key in _METADATA_FROM_ENTITY:
             ent, mapping = _METADATA_FROM_ENTITY[key]
             if member.entities.get(ent) in mapping:
                 member.metadata[key] = mapping[member.entities[ent]]
         if key not in member.metadata:
-            if (spec.suffix == "MRF" and key in ("FlipAngle", "RepetitionTimeExcitation", "EchoTime")
-                    and _mrf_schedule_tsv(member)):
+            if model_cls.field_supplied_elsewhere(member, key):
                 continue
-            return f"required metadata field {key!r} is missing from its sidecar"
-        problem = _field_problem(key, member.metadata[key], spec.suffix)
+            return missing_field(key)
+        problem = field_problem(key, member.metadata[key], array=key in spec.array_fields)
         if problem:
             return problem
     return None
@@ -367,12 +386,14 @@ def discover_subject(
         if not targets:
             found.skipped.append(Skipped("TB1map", Path(bf.path),
                                          "no IntendedFor field: cannot tell which images it "
-                                         "belongs to"))
+                                         "belongs to", unusable=False))
             continue
         b1maps.append((Path(bf.path), set(targets)))
 
     for spec in COLLECTION_SPECS.values():
-        query = {**base, "suffix": spec.suffix,
+        # companion files (MP2RAGE's UNIT1) are collected with the members, by the same filters
+        suffixes = [spec.suffix, *spec.companion_suffixes]
+        query = {**base, "suffix": suffixes if len(suffixes) > 1 else spec.suffix,
                  **_pybids_query({**common, **filters.get(spec.suffix.lower(), {})})}
         groups: dict[tuple, list[Member]] = {}
         for bf in layout.get(**query):
@@ -392,6 +413,10 @@ def discover_subject(
                                path if path else "", why)
                 continue
             member_paths = {m.path.resolve() for m in members}
+            collection.intended_for = frozenset(
+                target for m in members
+                for target in _resolve_intended_for(m.metadata.get("IntendedFor", []), bids_dir,
+                                                    subject))
             for b1_path, targets in b1maps:
                 if member_paths & targets:
                     collection.b1map = b1_path
@@ -410,6 +435,8 @@ def _collection_problem(spec: CollectionSpec, collection: Collection) -> tuple[P
         return path, (f"a {spec.suffix} collection needs at least {spec.min_members} members, "
                       f"found {len(members)}")
     for member in members:
+        if member.entities.get("suffix", spec.suffix) != spec.suffix:
+            continue  # a companion (MP2RAGE's UNIT1): its model checks it
         missing_entity = [e for e in spec.grouping if e not in member.entities]
         if missing_entity:
             return member.path, f"file name lacks the {'/'.join(missing_entity)} entity"
@@ -418,24 +445,22 @@ def _collection_problem(spec: CollectionSpec, collection: Collection) -> tuple[P
             return member.path, problem
     seen: dict[tuple, Path] = {}
     for member in members:
-        key = tuple(member.entities.get(e) for e in spec.grouping)
+        # the parts of one member (part-mag/part-phase) and companions are not duplicates
+        key = (*(member.entities.get(e) for e in spec.grouping), member.entities.get("part"),
+               member.entities.get("suffix"))
         if key in seen:
             return member.path, f"duplicates the member {seen[key].name}"
         seen[key] = member.path
-    if spec.suffix == "MTS":
-        states = {(m.entities.get("mt")) for m in members}
-        if not {"on", "off"} <= states:
-            return members[0].path, "an MTS collection needs mt-on and mt-off members"
-    if spec.suffix == "MRF":
-        parts = {m.entities.get("part") for m in members}
-        if parts not in ({"mag", "phase"}, {"real", "imag"}):
-            return members[0].path, ("an MRF series needs a part-mag/part-phase (or "
-                                     f"part-real/part-imag) pair, found parts {sorted(parts)}")
-    if spec.suffix == "MTR":
-        states = {m.entities.get("mt") for m in members}
-        if states != {"on", "off"}:
-            return members[0].path, "an MTR collection needs exactly one mt-on and one mt-off"
-    return None
+    # roles of the members (mt-on/mt-off, part pairs): the collection's model knows them
+    return collection_model(spec.suffix).members_problem(members)
+
+
+class NoUsableInputError(BadDataError, NothingSelectedError):
+    """The selection found inputs, but every one of them was unusable: nothing is left to
+    process (a NothingSelectedError), because of bad input data, so the exit code is that of
+    bad data (65), and the message names each file and field."""
+
+    exit_code = BadDataError.exit_code
 
 
 def discover(
@@ -445,7 +470,8 @@ def discover(
     sessions: list[str] | None = None,
     filters: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> list[SubjectInputs]:
-    """Discover inputs of every selected participant (and session); raise if nothing is left."""
+    """Discover inputs of every selected participant (and session); raise if nothing is left
+    (:class:`NoUsableInputError` when inputs were found but all were unusable)."""
     layout = build_layout(bids_dir, database_dir, participants)
     results: list[SubjectInputs] = []
     for subject in participants:
@@ -461,6 +487,10 @@ def discover(
                                f" ses-{session}" if session else "")
             results.append(inputs)
     if all(r.empty for r in results):
+        unusable = [f"{s.path}: {s.reason}" for r in results for s in r.skipped if s.unusable]
+        if unusable:
+            raise NoUsableInputError("nothing left to process; unusable inputs were skipped:\n  "
+                                     + "\n  ".join(unusable))
         raise NothingSelectedError(
             "the participant/session labels and BIDS filters selected no image that qmri-bids "
             f"can process in {bids_dir}"
@@ -480,7 +510,8 @@ def summary_table(results: list[SubjectInputs], planned: Mapping[str, list[str]]
             rows.append(("anat", img.path.name, ", ".join(planned.get(str(img.path), [])) or "-"))
         for col in res.collections:
             found = f"{len(col.members)} files" + (f" + {col.b1map.name}" if col.b1map else "")
-            rows.append((col.label, found, ", ".join(planned.get(col.label, [])) or "-"))
+            steps = col.plan.summary() if col.plan is not None else planned.get(col.label, [])
+            rows.append((col.label, found, ", ".join(steps) or "-"))
         for skip in res.skipped:
             where = skip.path.name if skip.path else ""
             rows.append(("skipped", f"{skip.what} {where}".strip(), skip.reason))

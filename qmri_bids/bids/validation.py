@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from qmri_bids.errors import ValidationError
+from qmri_bids.runner import kill_with_parent
 
 LOGGER = logging.getLogger("qmri_bids.validation")
 VALIDATOR_TIMEOUT_S = 600
@@ -27,11 +28,16 @@ def _validator_config(bids_dir: Path, participants: list[str], path: Path) -> Pa
     user = bids_dir / ".bids-validator-config.json"
     if user.is_file():
         try:
-            extra = json.loads(user.read_text())
-            config = {**extra, "ignoredFiles": extra.get("ignoredFiles", []) +
-                      config["ignoredFiles"]}
-        except json.JSONDecodeError:
-            LOGGER.warning("%s is not valid JSON: ignored", user)
+            extra = json.loads(user.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            LOGGER.warning("%s is not valid JSON (%s): ignored", user, exc)
+        else:
+            ignored = extra.get("ignoredFiles", []) if isinstance(extra, dict) else None
+            if not isinstance(ignored, list):
+                LOGGER.warning("%s is not a bids-validator configuration (an object whose "
+                               "ignoredFiles is a list): ignored", user)
+            else:
+                config = {**extra, "ignoredFiles": ignored + config["ignoredFiles"]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config))
     return path
@@ -50,11 +56,18 @@ def validate_dataset(bids_dir: Path, participants: list[str], work_dir: Path, ou
     cmd = [exe, str(bids_dir), "--json", "--ignoreSubjectConsistency", "-c", str(config)]
     env = {**os.environ, "NO_COLOR": "1"}
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=VALIDATOR_TIMEOUT_S,
-                              env=env, check=False)
+        # errors="replace": the report quotes file names, which need not be UTF-8
+        # kill_with_parent: the validator must not outlive a qmri-bids killed with -9
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace",
+                              timeout=VALIDATOR_TIMEOUT_S, env=env, check=False,
+                              preexec_fn=kill_with_parent)
     except subprocess.TimeoutExpired:
         LOGGER.warning("bids-validator did not finish in %d s: validation skipped",
                        VALIDATOR_TIMEOUT_S)
+        return
+    except OSError as exc:
+        LOGGER.warning("bids-validator could not be run (%s): validation skipped",
+                       exc.strerror or exc)
         return
     log_path = output_dir / "logs" / f"bids-validator_{run_id}.json"
     from qmri_bids.bids.derivatives import atomic_write_text
@@ -62,9 +75,10 @@ def validate_dataset(bids_dir: Path, participants: list[str], work_dir: Path, ou
     atomic_write_text(log_path, proc.stdout or proc.stderr)
     try:
         report = json.loads(proc.stdout)
-        errors = report.get("issues", {}).get("errors", [])
+        errors = report.get("issues", {}).get("errors", []) if isinstance(report, dict) else []
     except json.JSONDecodeError:
         errors = [{"reason": (proc.stderr or proc.stdout).strip()[:500]}] if proc.returncode else []
+    errors = [e for e in errors if isinstance(e, dict)] if isinstance(errors, list) else []
     if errors:
         lines = []
         for err in errors[:10]:

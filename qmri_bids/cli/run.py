@@ -1,16 +1,24 @@
 """Entry point: ``qmri-bids`` (BIDS App), ``qmri-bids demo`` and ``qmri-bids train``.
 
-The flow is one way: arguments → ``RunConfig`` (checked) → validation → discovery → workflow →
-execution → exit code. Every user-caused failure is a ``QmriBidsError`` whose message names the
-file and the problem and whose exit code follows the BIDS-Apps execution spec.
+The flow is one way: arguments → ``RunConfig`` (checked) → participant locks → validation →
+scan and discovery → header checks → pre-flight → workflow → execution → exit code. Every
+user-caused failure is a ``QmriBidsError`` whose message names the file and the problem and whose
+exit code follows the BIDS-Apps execution spec; resource faults (full or read-only disks, a
+worker killed for memory, SIGTERM/SIGINT) end the same way (README: "Failures and trust
+boundaries"). Only a bug of qmri-bids is an "internal error", whose details go to a new file in
+the work dir (or ``<output>/logs``), never to a shared, predictable path.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
+import re
 import sys
 import traceback
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 os.environ.setdefault("NIPYPE_NO_ET", "1")  # before anything imports nipype: no telemetry
@@ -23,16 +31,26 @@ from qmri_bids.errors import (
     CannotWriteError,
     MissingInputError,
     NodeFailedError,
+    NothingSelectedError,
     QmriBidsError,
     UsageError,
     ValidationError,
 )
+from qmri_bids.runner import RunInterrupted, interrupt_on_signals
+from qmri_bids.safety import safe_text, write_crash_dump, write_error
 
 LOGGER = logging.getLogger("qmri_bids")
+
+# Set once the run's folders are known: where an internal error's details go, and which
+# folders a write fault may be blamed on.
+_DUMP_DIRS: list[Path] = []
+_RUN_FOLDERS: list[Path] = []
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _DUMP_DIRS.clear()
+    _RUN_FOLDERS.clear()
     # ``qmri-bids demo out participant`` on a BIDS folder named "demo" is a BIDS-App call.
     app_call = len(argv) >= 3 and argv[2] in ("participant", "group") and Path(argv[0]).is_dir()
     if argv and argv[0] == "demo" and not app_call:
@@ -49,28 +67,51 @@ def main(argv: list[str] | None = None) -> int:
     return _guarded(lambda: run_app(args))
 
 
-def _guarded(func) -> int:
+def _error(message: str) -> None:
+    print(f"qmri-bids: error: {safe_text(message)}", file=sys.stderr)
+
+
+def _guarded(func: Callable[[], int | None]) -> int:
     try:
-        return int(func() or EXIT_OK)
+        with interrupt_on_signals():
+            return int(func() or EXIT_OK)
     except QmriBidsError as exc:
         LOGGER.error("%s", exc) if LOGGER.handlers else None
-        print(f"qmri-bids: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return exc.exit_code
-    except KeyboardInterrupt:
+    except RunInterrupted as exc:
+        detail = getattr(exc, "detail", "")
+        print(f"qmri-bids: {exc}" + (f"; {safe_text(detail)}" if detail else ""),
+              file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:  # outside the signal handlers (e.g. a non-main thread)
         print("qmri-bids: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - an internal error: say so, keep the details
+    except Exception as exc:  # noqa: BLE001 - a fault or an internal error: say which
+        fault = write_error(exc, _RUN_FOLDERS) if _RUN_FOLDERS else None
+        if fault is not None:
+            _error(str(fault))
+            return fault.exit_code
         detail = traceback.format_exc()
         LOGGER.debug("%s", detail)
-        crash = Path(os.environ.get("TMPDIR", "/tmp")) / f"qmri-bids-crash-{os.getpid()}.txt"
-        try:
-            crash.write_text(detail)
-            where = f"; details in {crash}"
-        except OSError:
-            where = ""
-        print(f"qmri-bids: internal error ({type(exc).__name__}: {exc}){where}. Please report "
-              "it with the command you ran.", file=sys.stderr)
+        crash = write_crash_dump(detail, _DUMP_DIRS, tag="internal")
+        where = f"; details in {crash}" if crash else ""
+        print(f"qmri-bids: internal error ({type(exc).__name__}: {safe_text(str(exc))}){where}. "
+              "Please report it with the command you ran.", file=sys.stderr)
         return EXIT_NODE_FAILED
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file; when it cannot be written any more (a full or read-only work dir)
+    it says so once and stops, instead of printing a logging traceback for every record."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        for name in ("qmri_bids", "nipype"):
+            logging.getLogger(name).removeHandler(self)
+        print(f"qmri-bids: warning: the log file {self.baseFilename} cannot be written any "
+              f"more ({getattr(exc, 'strerror', None) or exc}); logging to the terminal only",
+              file=sys.stderr)
 
 
 def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
@@ -87,7 +128,8 @@ def _setup_logging(verbose: int, log_file: Path | None = None) -> None:
     root.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
+        # backslashreplace: a file name that is not UTF-8 must not break the log
+        handler = _LogFile(log_file, encoding="utf-8", errors="backslashreplace")
         handler.setFormatter(fmt)
         handler.setLevel(logging.DEBUG)
         root.addHandler(handler)
@@ -102,6 +144,29 @@ def _is_within(path: Path, parent: Path) -> bool:
         return False
 
 
+def _check_dataset_description(bids_dir: Path) -> None:
+    """Exit 16 unless ``dataset_description.json`` is a readable JSON object (checked whether or
+    not bids-validator runs: it is what says that the folder is a BIDS dataset)."""
+    desc = bids_dir / "dataset_description.json"
+    if not desc.is_file():
+        raise ValidationError(
+            f"{bids_dir} is not a BIDS dataset: dataset_description.json is missing at its root"
+        )
+    try:
+        value = json.loads(desc.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValidationError(f"{desc} is not UTF-8 text (byte {exc.start})") from exc
+    except json.JSONDecodeError as exc:
+        raise ValidationError(f"{desc} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+                              f"column {exc.colno}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ValidationError(f"{desc} is not usable JSON: {exc}") from exc
+    except OSError as exc:
+        raise ValidationError(f"{desc} cannot be read: {exc.strerror or exc}") from exc
+    if not isinstance(value, dict):
+        raise ValidationError(f"{desc} must hold a JSON object, not a {type(value).__name__}")
+
+
 def build_config(args):
     """Check the arguments against the file system and turn them into a ``RunConfig``."""
     from qmri_bids.bids.discovery import load_filters, normalise_labels
@@ -112,10 +177,7 @@ def build_config(args):
     bids_dir = args.bids_dir.expanduser().resolve()
     if not bids_dir.is_dir():
         raise MissingInputError(f"bids_dir {args.bids_dir} does not exist or is not a folder")
-    if not (bids_dir / "dataset_description.json").is_file():
-        raise ValidationError(
-            f"{bids_dir} is not a BIDS dataset: dataset_description.json is missing at its root"
-        )
+    _check_dataset_description(bids_dir)
     output_dir = args.output_dir.expanduser().resolve()
     if output_dir == bids_dir or (
         _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives")
@@ -130,9 +192,14 @@ def build_config(args):
     if _is_within(output_dir, work_dir) or _is_within(work_dir, output_dir):
         raise UsageError(f"--work-dir {work_dir} and output_dir {output_dir} must not contain "
                          "each other")
-
-    for label, folder in (("output_dir", output_dir), ("--work-dir", work_dir)):
-        _check_writable(label, folder)
+    model_dir = args.model_dir.expanduser().resolve() if args.model_dir else None
+    if model_dir is not None:
+        if model_dir.exists() and not model_dir.is_dir():
+            raise UsageError(f"--model-dir {model_dir} is not a folder (it must be the folder of "
+                             "the trained-estimator cache)")
+        if model_dir == bids_dir or _is_within(model_dir, bids_dir):
+            raise UsageError(f"--model-dir {model_dir} is inside bids_dir {bids_dir}: the input "
+                             "dataset is never written to; choose another folder")
 
     nprocs, omp, mem_gb = default_resources(args.nprocs, args.omp_nthreads, args.mem_gb)
     device, device_reason = select_device(args.device)
@@ -144,6 +211,13 @@ def build_config(args):
         if not ok:
             raise UsageError(f"--bias-method {args.bias_method} is not available: {why}; "
                              "use --bias-method n4")
+        _verify_bias_model()
+
+    # Last of the checks, as they create the folders.
+    for label, folder in (("output_dir", output_dir), ("--work-dir", work_dir),
+                          ("--model-dir", model_dir)):
+        if folder is not None:
+            _check_writable(label, folder)
     plugin, plugin_args = "MultiProc", {"n_procs": nprocs, "memory_gb": mem_gb,
                                         "raise_insufficient": False}
     if device == "cuda":
@@ -168,7 +242,7 @@ def build_config(args):
         bias_methods=methods,
         qmri_estimators=(("nn", "nlls", "dict") if args.qmri_estimator == "all"
                          else tuple(dict.fromkeys(("nn", args.qmri_estimator)))),
-        model_dir=args.model_dir.expanduser().resolve() if args.model_dir else None,
+        model_dir=model_dir,
         skip_bids_validation=args.skip_bids_validation,
         stop_on_first_crash=args.stop_on_first_crash,
         plugin=plugin,
@@ -178,28 +252,213 @@ def build_config(args):
     )
 
 
+def _verify_bias_model() -> None:
+    """Check the shipped bias-field CNN against its card (sha256) before anything runs: a
+    corrupt, truncated or replaced weights file is one exit-65 line now rather than a crash of
+    every CNN node. No torch operation runs here: torch's OpenMP thread pool, once started in
+    this process, deadlocks the forked workers that later run the CNN."""
+    from qmri_bids.artifacts import verify_weights
+    from qmri_bids.bias.weights import resolve_model_path
+
+    verify_weights(resolve_model_path(), kind="bias-cnn", required=("architecture",))
+
+
 def _check_writable(label: str, folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".qmri-bids-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise CannotWriteError(f"{label} {folder} cannot be written: "
-                               f"{exc.strerror or exc}") from exc
+    """Exit 73 at start when ``folder`` cannot be created or written, or is full."""
+    from qmri_bids.safety import probe_space
+
+    probe_space(label, folder)
 
 
 def run_app(args) -> int:
     config = build_config(args)
+    _RUN_FOLDERS[:] = [f for f in (config.output_dir, config.work_dir, config.model_dir) if f]
+    _DUMP_DIRS[:] = [config.work_dir / "logs", config.output_dir / "logs"]
     log_file = config.work_dir / "logs" / f"qmri-bids_{config.run_id}.log"
     _setup_logging(config.verbose + 1, log_file)
     LOGGER.info("qmri-bids %s, run %s", __version__, config.run_id)
     LOGGER.info("device: %s (%s)", config.device, config.device_reason)
-    if config.analysis_level == "group":
-        from qmri_bids.group import run_group
+    from qmri_bids.safety import check_work_dir_private, private_tmpdir
 
-        return run_group(config)
-    return run_participant_level(config, log_file)
+    warning = check_work_dir_private(config.work_dir)
+    if warning:
+        LOGGER.warning("%s", warning)
+    # Temporary files of this process, its workers and libraries stay inside the work dir.
+    with private_tmpdir(config.work_dir, config.run_id) as tmp:
+        LOGGER.debug("temporary folder: %s", tmp)
+        if config.analysis_level == "group":
+            from qmri_bids.group import run_group
+
+            return run_group(config)
+        return run_participant_level(config, log_file)
+
+
+# -------------------------------------------------------------------------- participant level
+
+
+def _lock_participants(config, participants: list[str]) -> list:
+    """One lock per participant in the output folder and one in the work folder, or exit 73
+    naming the run that holds them (a lock of a dead process is taken over)."""
+    from qmri_bids.locks import FileLock, LockHeldError
+    from qmri_bids.safety import remove_partial_files
+
+    held: list = []
+    try:
+        for label in participants:
+            for folder, where in ((config.output_dir, "output folder"),
+                                  (config.work_dir, "work folder")):
+                lock = FileLock(folder / "logs" / "locks" / f"sub-{label}.lock",
+                                purpose=f"qmri-bids run {config.run_id}, sub-{label}")
+                try:
+                    lock.acquire()
+                except LockHeldError as exc:
+                    who = exc.owner.describe() if exc.owner else "another process"
+                    raise CannotWriteError(
+                        f"sub-{label} is already being processed into the {where} {folder} by "
+                        f"{who} (lock {exc.path}); wait for that run to finish, or give this "
+                        "one another output folder and work dir") from exc
+                except OSError as exc:
+                    raise write_error(exc, _RUN_FOLDERS, "taking the participant lock") or \
+                        CannotWriteError(f"cannot create the lock {lock.path}: "
+                                         f"{exc.strerror or exc}") from exc
+                held.append(lock)
+    except BaseException:
+        _release(held)
+        raise
+    for label in participants:
+        # Holding the lock, nobody else writes there: debris of a killed run can go.
+        for path in remove_partial_files(config.output_dir / f"sub-{label}"):
+            LOGGER.info("removed %s, left by an interrupted write", path)
+    return held
+
+
+def _release(locks: Iterable) -> None:
+    for lock in locks:
+        try:
+            lock.release()
+        except OSError as exc:
+            LOGGER.warning("cannot remove the lock %s: %s", lock.path, exc.strerror or exc)
+
+
+def _subject_of(path: Path) -> str | None:
+    for part in path.parts:
+        if part.startswith("sub-"):
+            return part[4:]
+    return None
+
+
+def _apply_scan(subjects, scan) -> list[str]:
+    """Skip what the dataset scan found unusable: images whose JSON sidecar is broken (and
+    collections with such a member), images whose name is not UTF-8. Returns the messages of
+    problems that belong to no discovered participant."""
+    from qmri_bids.bids.discovery import Skipped
+
+    def reason(broken: list[tuple[Path, str]]) -> str:
+        return "; ".join(f"its JSON sidecar {path} {why}" for path, why in broken)
+
+    orphans: list[str] = []
+    by_subject = {inputs.subject: inputs for inputs in subjects}
+    for inputs in subjects:
+        kept = []
+        for anat in inputs.anat:
+            broken = scan.broken_sidecars_of(anat.path)
+            if broken:
+                inputs.skipped.append(Skipped(anat.suffix, anat.path, reason(broken)))
+                LOGGER.error("skipping %s: %s", anat.path, reason(broken))
+                continue
+            kept.append(anat)
+        inputs.anat = kept
+        kept_collections = []
+        for col in inputs.collections:
+            bad = [(m.path, scan.broken_sidecars_of(m.path)) for m in col.members]
+            bad = [(p, b) for p, b in bad if b]
+            if bad:
+                path, broken = bad[0]
+                inputs.skipped.append(Skipped(col.label, path, reason(broken)))
+                LOGGER.error("skipping collection %s: %s: %s", col.label, path, reason(broken))
+                continue
+            kept_collections.append(col)
+        inputs.collections = kept_collections
+        for skip in inputs.skipped:
+            # A collection or B1 map discovery skipped for a "missing" field whose real cause
+            # is a sidecar that could not be parsed: say so, and count it as unusable.
+            broken = scan.broken_sidecars_of(skip.path) if skip.path is not None else []
+            if broken and not skip.reason.startswith("its JSON sidecar "):
+                skip.reason = reason(broken)
+                skip.unusable = True
+    for problem in scan.problems:
+        if not problem.unusable:
+            LOGGER.warning("%s", problem.message())
+            continue
+        inputs = by_subject.get(_subject_of(problem.path) or "")
+        if inputs is not None:
+            inputs.skipped.append(Skipped("image", problem.path, problem.reason))
+        else:
+            orphans.append(problem.message())
+        LOGGER.error("skipping %s", problem.message())
+    return orphans
+
+
+def _check_headers(subjects) -> None:
+    """Header-only rules (:func:`qmri_bids.image_io.check_header`) on every selected file, B1
+    maps included, before any voxel is read: a file that breaks one is skipped (exit 65)."""
+    from qmri_bids.bids.discovery import Skipped
+    from qmri_bids.image_io import check_header
+
+    for inputs in subjects:
+        kept = []
+        for anat in inputs.anat:
+            try:
+                check_header(anat.path)
+            except (BadDataError, MissingInputError) as exc:
+                inputs.skipped.append(Skipped(anat.suffix, anat.path, str(exc)))
+                LOGGER.error("skipping %s", exc)
+                continue
+            kept.append(anat)
+        inputs.anat = kept
+        kept_collections = []
+        for col in inputs.collections:
+            files = [m.path for m in col.members] + ([col.b1map] if col.b1map else [])
+            try:
+                for path in files:
+                    check_header(path)
+            except (BadDataError, MissingInputError) as exc:
+                inputs.skipped.append(Skipped(col.label, path, str(exc)))
+                LOGGER.error("skipping collection %s: %s", col.label, exc)
+                continue
+            kept_collections.append(col)
+        inputs.collections = kept_collections
+
+
+def _discover(config, participants, scan):
+    """Discovery, with its failures worded for the user: a filter pybids refuses is a usage
+    error; nothing usable because of what the scan found is bad data; a full work dir is 73."""
+    from qmri_bids.bids.discovery import discover
+
+    found = scan.unusable_messages()
+    try:
+        return discover(config.bids_dir, config.work_dir / "bids_db" / config.run_id,
+                        participants, config.session_labels, config.bids_filters)
+    except (BadDataError, NothingSelectedError) as exc:
+        if found:
+            raise BadDataError("no usable input:\n  " + "\n  ".join(found)
+                               + f"\n  {exc}") from exc
+        raise
+    except ValueError as exc:
+        match = re.search(r"'([^']+)' is not a recognized entity", str(exc))
+        if match:
+            raise UsageError(f"--bids-filter-file: {match.group(1)!r} is neither an entity nor "
+                             f"a sidecar field of {config.bids_dir}") from exc
+        raise
+
+
+def _write_finally(what: str, func: Callable[[], object]) -> None:
+    """A bookkeeping write at the end of a run: a failure (full disk) is reported, and must not
+    hide the error that ended the run."""
+    try:
+        func()
+    except (OSError, QmriBidsError) as exc:
+        LOGGER.warning("could not write %s: %s", what, getattr(exc, "strerror", None) or exc)
 
 
 def run_participant_level(config, log_file: Path) -> int:
@@ -210,50 +469,48 @@ def run_participant_level(config, log_file: Path) -> int:
         container_info,
         write_dataset_description,
     )
-    from qmri_bids.bids.discovery import discover, select_participants, summary_table
+    from qmri_bids.bids.discovery import select_participants, summary_table
+    from qmri_bids.bids.scan import scan_dataset
     from qmri_bids.bids.validation import validate_dataset
     from qmri_bids.preflight import preflight
+    from qmri_bids.safety import remove_partial_files
 
     os.environ["OMP_NUM_THREADS"] = str(config.omp_nthreads)
     participants = select_participants(config.bids_dir, config.participant_labels)
-    # Written first, so that a failed run still leaves a valid derivatives dataset.
-    write_dataset_description(config.output_dir, config.bids_dir, container_info())
-    if not config.skip_bids_validation:
-        validate_dataset(config.bids_dir, participants, config.work_dir, config.output_dir,
-                         config.run_id)
-    else:
-        LOGGER.warning("BIDS validation skipped (--skip-bids-validation)")
-    subjects = discover(config.bids_dir, config.work_dir / "bids_db" / config.run_id,
-                        participants, config.session_labels, config.bids_filters)
-    bad = preflight(subjects, config)
-
-    from qmri_bids.workflows.base import describe, init_qmri_bids_wf, planned_outputs
-
-    print(summary_table(subjects, planned_outputs(config, subjects)), flush=True)
-    to_run = [s for s in subjects if not s.empty]
+    locks = _lock_participants(config, participants)
+    subjects: list = []
+    to_run: list = []
     exit_code = EXIT_OK
+    status = "failed"
     submitted = False
+    boilerplate = ""
     try:
+        # Written first, so that a failed run still leaves a valid derivatives dataset.
+        write_dataset_description(config.output_dir, config.bids_dir, container_info())
+        if not config.skip_bids_validation:
+            validate_dataset(config.bids_dir, participants, config.work_dir, config.output_dir,
+                             config.run_id)
+        else:
+            LOGGER.warning("BIDS validation skipped (--skip-bids-validation)")
+        scan = scan_dataset(config.bids_dir, participants)
+        subjects = _discover(config, participants, scan)
+        orphans = _apply_scan(subjects, scan)
+        _check_headers(subjects)
+        bad = preflight(subjects, config) + orphans
+
+        from qmri_bids.workflows.base import describe, init_qmri_bids_wf, planned_outputs
+
+        print(safe_text(summary_table(subjects, planned_outputs(config, subjects))), flush=True)
+        to_run = [s for s in subjects if not s.empty]
         if to_run:
             # Before the workflow exists: Nipype copies its global config into every node at
             # creation, and those copies win at run time.
             _configure_nipype(config)
-            workflow = init_qmri_bids_wf(config, to_run)
+            workflow = init_qmri_bids_wf(config=config, subjects=to_run)
             if config.write_graph:
                 workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
-            LOGGER.info("running %d participant(s) with the %s plugin %s",
-                        len(to_run), config.plugin, config.plugin_args)
-            try:
-                workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
-            except RuntimeError as exc:
-                causes = _crash_causes(config, subjects)
-                error = BadDataError if causes and all(
-                    c.split(":", 1)[0].endswith("BadDataError") for c in causes) \
-                    else NodeFailedError
-                raise error(
-                    "processing failed:\n  " + "\n  ".join(causes or [str(exc)])
-                    + f"\ncrash files are in {config.output_dir}/sub-<label>/log/"
-                      f"{config.run_id}/") from exc
+            _warn_large_nodes(workflow, config)
+            _execute(workflow, config, subjects)
             boilerplate = describe(workflow)
             if config.plugin.endswith("Graph"):
                 # Graph plugins (SLURMGraph, SGEGraph...) only submit jobs and return.
@@ -261,47 +518,172 @@ def run_participant_level(config, log_file: Path) -> int:
                 LOGGER.warning("the %s plugin submitted the jobs and returned: outputs appear "
                                "when the cluster has run them; check them with 'qmri-bids %s "
                                "%s group'", config.plugin, config.bids_dir, config.output_dir)
-        else:
-            boilerplate = ""
         if bad:
             raise BadDataError(
                 "some inputs were unusable and skipped (the rest was processed):\n  "
                 + "\n  ".join(bad)
             )
+        status = "submitted" if submitted else "finished"
+    except RunInterrupted as exc:
+        exit_code, status = exc.exit_code, "interrupted"
+        exc.detail = (f"what had finished is kept in the work dir {config.work_dir}: run the "
+                      "same command again to resume")
+        LOGGER.error("%s; %s", exc, exc.detail)
+        raise
     except QmriBidsError as exc:
         exit_code = exc.exit_code
         LOGGER.error("%s", exc)
-        print(f"qmri-bids: error: {exc}", file=sys.stderr)
+        _error(str(exc))
+    except Exception as exc:
+        fault = write_error(exc, _RUN_FOLDERS)
+        if fault is None:
+            exit_code = EXIT_NODE_FAILED  # an internal error: _guarded reports it
+            raise
+        exit_code = fault.exit_code
+        LOGGER.error("%s", fault)
+        _error(str(fault))
     finally:
         for inputs in subjects:
             log_dir = config.log_dir(inputs.subject)
-            atomic_write_text(log_dir / "config.json", config.to_json())
+            _write_finally(f"{log_dir}/config.json",
+                           lambda d=log_dir: atomic_write_text(d / "config.json",
+                                                               config.to_json()))
             if log_file.exists():
-                atomic_copy(log_file, log_dir / log_file.name)
-        if to_run and exit_code == EXIT_OK:
-            atomic_write_text(config.output_dir / "logs" / "CITATION.md", boilerplate + "\n")
-        atomic_write_json(config.output_dir / "logs" / f"run_{config.run_id}.json",
-                          {"run_id": config.run_id, "exit_code": exit_code,
-                           "status": "submitted" if submitted else (
-                               "finished" if exit_code == EXIT_OK else "failed"),
-                           "participants": [s.subject for s in subjects]})
+                _write_finally(f"the log copy in {log_dir}",
+                               lambda d=log_dir: atomic_copy(log_file, d / log_file.name))
+        if to_run and exit_code == EXIT_OK and status != "interrupted":
+            _write_finally("CITATION.md", lambda: atomic_write_text(
+                config.output_dir / "logs" / "CITATION.md", boilerplate + "\n"))
+        _write_finally(f"run_{config.run_id}.json", lambda: atomic_write_json(
+            config.output_dir / "logs" / f"run_{config.run_id}.json",
+            {"run_id": config.run_id, "exit_code": exit_code, "status": status,
+             "participants": [s.subject for s in subjects] or participants}))
+        if exit_code != EXIT_OK or status == "interrupted":
+            for label in participants:
+                remove_partial_files(config.output_dir / f"sub-{label}")
+        _release(locks)
     if exit_code == EXIT_OK and not submitted:
         LOGGER.info("done: derivatives in %s", config.output_dir)
     return exit_code
 
 
-def _crash_causes(config, subjects) -> list[str]:
-    """The final exception line of each text crash file of this run (what the user must read)."""
-    causes = []
+def _execute(workflow, config, subjects) -> None:
+    """Run the workflow; turn node failures into one error whose exit code says why."""
+    from qmri_bids.runner import SupervisedMultiProcPlugin
+
+    plugin = None
+    if config.plugin == "MultiProc":
+        plugin = SupervisedMultiProcPlugin(plugin_args=config.plugin_args)
+    LOGGER.info("running %d participant(s) with the %s plugin %s",
+                sum(1 for s in subjects if not s.empty), config.plugin, config.plugin_args)
+    try:
+        if plugin is not None:
+            workflow.run(plugin=plugin)
+        else:
+            workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
+    except RunInterrupted:
+        if plugin is not None:
+            plugin.stop_workers()
+        raise
+    except (RuntimeError, OSError) as exc:
+        if plugin is not None:
+            plugin.stop_workers()
+        failures = _failures(plugin, config, subjects)
+        if not failures and isinstance(exc, OSError):
+            raise
+        raise _failure_error(failures, config, exc) from exc
+    finally:
+        if plugin is not None:
+            plugin.pool.shutdown(wait=False, cancel_futures=True)
+
+
+_SUBJECT_IN_NODE = re.compile(r"sub_([A-Za-z0-9]+)(?:_ses_[A-Za-z0-9]+)?_wf")
+
+
+def _failures(plugin, config, subjects) -> list[dict]:
+    """What each failed node said: from the plugin's records, else from the crash files."""
+    if plugin is not None and plugin.failures:
+        out = []
+        for f in plugin.failures:
+            match = _SUBJECT_IN_NODE.search(f.node)
+            out.append({"node": f.name, "fullname": f.node, "mem_gb": f.mem_gb,
+                        "subject": match.group(1) if match else "?", "text": f.traceback})
+        return out
+    out = []
     for inputs in subjects:
         for crash in sorted(config.log_dir(inputs.subject).glob("crash-*.txt")):
-            lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines()
-                     if ln.strip()]
-            last = next((ln for ln in reversed(lines) if "Error" in ln.split(":", 1)[0]),
-                        lines[-1] if lines else "")
             node = crash.name.split("-")[4] if crash.name.count("-") >= 5 else crash.name
-            causes.append(f"{last} (node {node}, sub-{inputs.subject})")
-    return causes
+            out.append({"node": node, "fullname": node, "mem_gb": None,
+                        "subject": inputs.subject, "text": crash.read_text(errors="replace")})
+    return out
+
+
+def _last_error_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return next((ln for ln in reversed(lines) if "Error" in ln.split(":", 1)[0]),
+                lines[-1] if lines else "")
+
+
+def memory_advice(node: str, mem_gb: float | None, config,
+                  what: str = "ran out of memory") -> str:
+    """How to give a node that ran out of memory what it needs (``--mem``, ``--nprocs``)."""
+    asked = f"it asked for {mem_gb:.1f} GB" if mem_gb is not None else "it used its estimate"
+    more = max(math.ceil(2 * (mem_gb or 0)), math.ceil(config.mem_gb * 1.5))
+    return (f"node {node} {what}: {asked}, and this run lets its nodes use "
+            f"{config.mem_gb:.1f} GB in total with up to {config.nprocs} at once; give it more "
+            f"with --mem (e.g. --mem {more}G, if the machine has it) or run fewer nodes at once "
+            f"with --nprocs {max(1, config.nprocs // 2)}")
+
+
+def _worker_death(text: str) -> str | None:
+    """How a node's worker died, from the plugin's ``WorkerDied`` note (None: it did not)."""
+    match = re.search(r"WorkerDied: .*?ended abruptly \(([^)]*\)?)", text)
+    if not match:
+        return None
+    return (f"did not finish: its worker process ended abruptly ({match.group(1)}; SIGKILL is "
+            "most often the system's out-of-memory killer)")
+
+
+def _failure_error(failures: list[dict], config, exc: BaseException) -> QmriBidsError:
+    from qmri_bids.safety import write_fault_in_text
+
+    for failure in failures:
+        fault = write_fault_in_text(failure["text"], _RUN_FOLDERS)
+        if fault is not None:
+            return CannotWriteError(
+                f"{fault}; the files written so far are complete (each is written under a "
+                "temporary name and renamed): free space or fix the folder, then run the same "
+                "command again to resume")
+    causes, kinds = [], []
+    for failure in failures:
+        text = failure["text"]
+        line = _last_error_line(text)
+        died = _worker_death(text)
+        if died or "MemoryError" in line:
+            line = memory_advice(failure["fullname"], failure["mem_gb"], config,
+                                 died or "ran out of memory")
+            kinds.append("memory")
+        else:
+            kinds.append("bad" if line.split(":", 1)[0].endswith("BadDataError") else "node")
+        causes.append(f"{line} (node {failure['node']}, sub-{failure['subject']})")
+    error = BadDataError if kinds and all(k == "bad" for k in kinds) else NodeFailedError
+    return error("processing failed:\n  " + "\n  ".join(causes or [_last_error_line(str(exc))])
+                 + f"\ncrash files are in {config.output_dir}/sub-<label>/log/"
+                   f"{config.run_id}/")
+
+
+def _warn_large_nodes(workflow, config) -> None:
+    """A node that asks for more memory than ``--mem`` runs alone and may still run out."""
+    try:
+        nodes = workflow._get_all_nodes()
+    except AttributeError:
+        return
+    for node in nodes:
+        mem = float(getattr(node, "mem_gb", 0) or 0)
+        if mem > config.mem_gb:
+            LOGGER.warning("node %s asks for %.1f GB, more than --mem %.1f GB: it will run alone "
+                           "and may run out of memory; give more with --mem", node.fullname,
+                           mem, config.mem_gb)
 
 
 def _configure_nipype(config) -> None:
@@ -319,6 +701,48 @@ def _configure_nipype(config) -> None:
     from nipype import logging as nlogging
 
     nlogging.update_logging(ncfg)
+    _route_nipype_logs()
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """A handler on whatever ``sys.stdout`` is when a record comes (not the one at creation)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _NoTraceback(logging.Formatter):
+    """Nipype logs each crash with its traceback; on the terminal the first lines are enough
+    (the traceback goes to the log file and the crash file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        cut = text.find("Traceback (most recent call last)")
+        if cut < 0:
+            cut = text.find("concurrent.futures.process._RemoteTraceback")
+        if cut >= 0:
+            text = text[:cut].rstrip() + "\n\t (traceback in the run's log file)"
+        return safe_text(text)
+
+
+def _route_nipype_logs() -> None:
+    """Nipype's records: on the terminal without tracebacks, in full in the run's log file."""
+    from nipype.utils.logger import Logging
+
+    nipype = logging.getLogger("nipype")
+    for handler in list(nipype.handlers):
+        nipype.removeHandler(handler)
+    console = _CurrentStdout()
+    console.setFormatter(_NoTraceback(Logging.fmt, Logging.datefmt))
+    nipype.addHandler(console)
+    for handler in logging.getLogger("qmri_bids").handlers:
+        if isinstance(handler, _LogFile):
+            nipype.addHandler(handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,9 +46,11 @@ def build_train_parser() -> argparse.ArgumentParser:
     bias.add_argument("-w", "--work-dir", "--work_dir", type=Path, dest="work_dir",
                       default=Path("work_train_bias"))
 
+    from qmri_bids.qmri.models import COLLECTION_MODELS
+
     qmri = sub.add_parser("qmri", help="train a CRB-loss estimator for one acquisition protocol")
     qmri.add_argument("--collection", required=True,
-                      choices=["VFA", "IRT1", "MESE", "MEGRE", "MTS", "MRF"])
+                      choices=[s for s, cls in COLLECTION_MODELS.items() if not cls.closed_form])
     qmri.add_argument("--protocol", required=True, nargs="+", type=Path,
                       help="a BIDS dataset (its first collection of that kind is used, or the "
                            "one of --participant-label), or the members' JSON sidecars")
@@ -108,7 +110,8 @@ def _train_bias(args) -> int:
                       steps=args.steps, seed=args.seed, n_dead_leaves=args.n_images,
                       n_photo_crops=args.n_images)
     workflow = init_bias_training_wf(
-        cfg.to_dict(), args.out_file.resolve(), args.work_dir.resolve() / "checkpoints",
+        config=cfg.to_dict(), out_file=args.out_file.resolve(),
+        checkpoint_dir=args.work_dir.resolve() / "checkpoints",
         max_wall_s=None if args.budget_min is None else 60 * args.budget_min,
         n_threads=args.threads)
     _run(workflow, args.work_dir)
@@ -137,8 +140,8 @@ def _sidecar_collection(suffix: str, sidecars: list[Path]):
 
 
 def _train_qmri(args) -> int:
-    from qmri_bids.qmri.mapping import resolve_model
-    from qmri_bids.qmri.model_store import SHIPPED_DIR, estimator_stem
+    from qmri_bids.qmri.model_store import locate_estimator, read_card
+    from qmri_bids.qmri.protocols import resolve_collection
     from qmri_bids.workflows.training import init_qmri_training_wf
 
     sources = args.protocol
@@ -155,21 +158,20 @@ def _train_qmri(args) -> int:
         collection = collections[0]
     else:
         collection = _sidecar_collection(args.collection, sources)
-    model, protocol = resolve_model(collection)
-    stem = estimator_stem(model.name, protocol)
-    for folder in (SHIPPED_DIR, args.model_dir):
-        existing = Path(folder) / f"{stem}.safetensors"
-        if existing.is_file() and not args.force:
-            print(f"an estimator for this protocol exists: {existing} (use --force to train "
-                  "another into --model-dir)")
-            return 0
-    workflow = init_qmri_training_wf(model.name, protocol, args.model_dir.resolve(),
-                                     name=f"train_{estimator_stem(model.name, protocol)}_wf"
-                                     .replace("-", "_"),
-                                     n_threads=args.threads, seed=args.seed, loss=args.loss,
-                                     time_budget_s=args.budget_s, force=args.force)
+    # The network maps what the collection's model fits (MTS: the VFA model of its mt-off pair).
+    model = resolve_collection(collection).model.estimation_model()
+    plan = locate_estimator(model, model_dir=args.model_dir)
+    if plan.weights is not None and not args.force:
+        print(f"an estimator for this protocol exists: {plan.weights} (use --force to train "
+              "another into --model-dir)")
+        return 0
+    workflow = init_qmri_training_wf(model_name=model.name, protocol=plan.protocol,
+                                     cache_dir=args.model_dir.resolve(),
+                                     omp_nthreads=args.threads, seed=args.seed, loss=args.loss,
+                                     time_budget_s=args.budget_s, force=args.force,
+                                     name=f"train_{plan.stem}_wf".replace("-", "_"))
     _run(workflow, args.work_dir)
-    card = json.loads((args.model_dir / f"{stem}.json").read_text())
-    print(f"estimator {args.model_dir / stem}.safetensors; protocol {protocol}; "
+    card = read_card(args.model_dir / plan.stem)
+    print(f"estimator {args.model_dir / plan.stem}.safetensors; protocol {plan.protocol}; "
           f"validation: {card.get('validation', {}).get('efficiency_median')}")
     return 0

@@ -98,6 +98,6 @@ def make_head_phantom(shape: tuple[int, int, int] = (80, 96, 72),
     maps = {name: np.zeros(shape, dtype=np.float64) for name in ("pd", "t1", "t2", "t2star")}
     for label, tissue in TISSUES_3T.items():
         sel = labels == label
-        for name in maps:
-            maps[name][sel] = getattr(tissue, name)
+        for name, values in maps.items():
+            values[sel] = getattr(tissue, name)
     return Phantom(labels=labels, spacing=spacing, **maps)

@@ -8,6 +8,12 @@ phantom (affine = the phantom's, shifted to the first slab slice):
   the true B1 (:class:`~qmri_bids.qmri.models.vfa.VFAModel`), Rician noise;
 * ``fmap/*_TB1map``: the true relative B1+ (smooth, 0.8-1.2), ``IntendedFor`` the VFA files
   (``fmap/*_acq-mrf_TB1map``: the same on the MRF grid, ``IntendedFor`` the MRF files);
+  for the subjects in ``QmriSettings.tb1dam_subjects`` (sub-02) no VFA TB1map but
+  ``fmap/*_flip-{1,2}_TB1DAM``: double-angle B1+ mapping, FlipAngle 60/120 deg, RepetitionTime
+  10 s, on the VFA slab at twice its voxel size (2x2x2 block means of the VFA-grid signals of a
+  spoiled gradient echo, :class:`~qmri_bids.qmri.models.vfa.VFAModel` with the true B1, so
+  with its small T1 saturation), Rician noise, ``IntendedFor`` the VFA files: the pipeline
+  maps the VFA of that subject with the B1 map it computes from them;
 * ``anat/*_inv-{1..9}_IRT1``: magnitude IR, TI 0.35-1.7 s, RepetitionTime 2.55 s
   (:class:`~qmri_bids.qmri.models.irt1.IRT1TRModel`), Rician noise;
 * ``anat/*_echo-{1..10}_MESE``: CPMG, TE 12.9 ms x k, RefocusingFlipAngle 180 with ideal
@@ -24,7 +30,8 @@ with ``<collection>`` = ``vfa``, ``irt1``, ``mese`` or ``mrf`` (lower-case suffi
   collection's grid; their JSON sidecars carry ``NoiseSigma`` (σ of the Gaussian noise of each
   real/imaginary channel, in image units), ``NoiseDistribution`` and the simulating model;
 * ``_TB1map``: true relative B1+ on that grid (VFA: the field itself, MRF: the quantised field the
-  simulation used); ``_desc-tissue_dseg``: tissue labels on that grid.
+  simulation used; ``acq-tb1dam``: its block means on the TB1DAM grid); ``_desc-tissue_dseg``:
+  tissue labels on that grid.
 
 M0 is 1000 × proton density for VFA, IRT1 and MRF (MRF: times ``exp(i·MRF_M0_PHASE)``) and
 1000 × PD × (1 − exp(−TR/T1)) for MESE (the T1 saturation at its RepetitionTime, as for the T2w
@@ -40,6 +47,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -48,10 +56,10 @@ import torch
 from qmri_bids.bids.derivatives import atomic_write_json, atomic_write_text
 from qmri_bids.demo.phantom import Phantom
 from qmri_bids.demo.volumes import add_rician_noise, save_volume
-from qmri_bids.qmri.models.irt1 import IRT1TRModel
-from qmri_bids.qmri.models.mese import MESEMonoModel
+from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.models.mrf import MRFModel, default_mrf_schedule, write_mrf_series
 from qmri_bids.qmri.models.vfa import VFAModel
+from qmri_bids.qmri.protocols import resolve_collection
 
 LOGGER = logging.getLogger("qmri_bids.demo")
 
@@ -67,6 +75,9 @@ MESE_TR = 4.0
 B1_RANGE = (0.8, 1.2)
 MRF_B1_STEP = 0.01  # B1 quantisation of the MRF simulation (one EPG run per distinct value)
 MRF_M0_PHASE = 0.5  # rad, constant receiver phase of the MRF M0
+DAM_FLIP_DEG = (60.0, 120.0)
+DAM_TR = 10.0  # long against the tissues' T1 (CSF's 4 s aside): the double-angle assumption
+DAM_BLOCK = 2  # the TB1DAM voxels are 2x the VFA's along every axis
 NIST_LOG_STEP = 0.01  # NIST T1/T2 quantised on a 1 % log grid (one EPG run per distinct pair)
 NIST_STRIDE = 2  # in-plane subsampling of the 256 x 256 NIST maps (every other voxel, no averaging)
 FIELD = 3
@@ -78,6 +89,8 @@ class QmriSettings:
     mrf_slices: int = 1
     snr_wm: float = 100.0  # white-matter signal of the brightest member / sigma
     mrf_snr_wm: float = 10.0  # white-matter RMS signal over the MRF time course / sigma
+    #: subjects whose B1+ comes from a TB1DAM collection instead of a TB1map beside the VFA
+    tb1dam_subjects: tuple[str, ...] = ("02",)
 
 
 def slab(n_total: int, n: int) -> slice:
@@ -158,6 +171,18 @@ def _truth(gt_anat: Path, prefix: str, affine: np.ndarray, maps: dict[str, np.nd
     return written
 
 
+def sidecar_model(suffix: str, names: list[str], metas: list[dict]) -> SignalModel:
+    """The signal model the pipeline will resolve from these sidecars (the collection's model
+    class, ``from_sidecars``): the demo simulates with exactly the model it will be fitted
+    with, so its protocols find the shipped estimators."""
+    members = [SimpleNamespace(path=Path(f"{name}.nii.gz"), entities={}, metadata=meta)
+               for name, meta in zip(names, metas, strict=True)]
+    resolved = resolve_collection(SimpleNamespace(suffix=suffix, members=members, b1map=None))
+    if [m.path.name for m in resolved.members] != [f"{n}.nii.gz" for n in names]:
+        raise ValueError(f"demo {suffix} members must be listed in the model's order")
+    return resolved.model
+
+
 def _write_members(anat: Path, names: list[str], volumes: np.ndarray, affine: np.ndarray,
                    metas: list[dict]) -> list[Path]:
     paths = []
@@ -172,7 +197,8 @@ def _write_members(anat: Path, names: list[str], volumes: np.ndarray, affine: np
 def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
                               rng: np.random.Generator,
                               settings: QmriSettings | None = None) -> dict[str, float]:
-    """Write the VFA, TB1map, IRT1, MESE and MRF collections of ``sub-<label>`` and their truth.
+    """Write the VFA, TB1map (or TB1DAM), IRT1, MESE and MRF collections of ``sub-<label>`` and
+    their truth.
 
     Returns the noise sigma of each collection."""
     settings = settings or QmriSettings()
@@ -200,45 +226,47 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
         return add_rician_noise(clean, sigma, rng).astype(np.float32), sigma
 
     # --- VFA + TB1map
-    vfa = VFAModel(list(VFA_FLIP_DEG), VFA_TR)
-    clean = _simulate(vfa, np.stack([m0, t1], -1), b1)
-    data, sigma = noisy(clean, "VFA")
     names = [f"{sub}_flip-{i}_VFA" for i in range(1, len(VFA_FLIP_DEG) + 1)]
     metas = [{**common, "PulseSequenceType": "SPGR", "FlipAngle": fa,
               "RepetitionTimeExcitation": VFA_TR, "RepetitionTime": VFA_TR, "EchoTime": VFA_TE}
              for fa in VFA_FLIP_DEG]
+    vfa = sidecar_model("VFA", names, metas)
+    clean = _simulate(vfa, np.stack([m0, t1], -1), b1)
+    data, sigma = noisy(clean, "VFA")
     vfa_paths = _write_members(anat, names, data, aff, metas)
-    save_volume(b1, aff, fmap / f"{sub}_TB1map.nii.gz")
-    atomic_write_json(fmap / f"{sub}_TB1map.json", {
-        **common, "IntendedFor": [f"bids::{sub}/anat/{p.name}" for p in vfa_paths],
-        "Description": "relative B1+ (1 = nominal flip angle); here the true simulated field"})
-    meta = {"Model": "VFAModel", "NoiseSigma": sigma, "NoiseDistribution": "Rician",
+    vfa_uris = [f"bids::{sub}/anat/{p.name}" for p in vfa_paths]
+    if label not in settings.tb1dam_subjects:
+        save_volume(b1, aff, fmap / f"{sub}_TB1map.nii.gz")
+        atomic_write_json(fmap / f"{sub}_TB1map.json", {
+            **common, "IntendedFor": vfa_uris,
+            "Description": "relative B1+ (1 = nominal flip angle); here the true simulated field"})
+    meta = {"Model": type(vfa).__name__, "NoiseSigma": sigma, "NoiseDistribution": "Rician",
             "Units": {"T1map": "s", "M0map": "a.u.", "TB1map": "relative"}}
     _truth(gt_anat, f"{sub}_acq-vfa", aff, {"T1map": t1, "M0map": m0, "TB1map": b1,
                                             "desc-tissue_dseg": labels}, meta)
 
-    # --- IRT1 (magnitude, TR known)
-    ir = IRT1TRModel(list(IRT1_TI), IRT1_TR)
-    data, sigma = noisy(_simulate(ir, np.stack([m0, t1], -1)), "IRT1")
+    # --- IRT1 (magnitude, TR known: the TR-aware model)
     names = [f"{sub}_inv-{i}_IRT1" for i in range(1, len(IRT1_TI) + 1)]
     metas = [{**common, "PulseSequenceType": "IR-SE", "InversionTime": ti,
               "RepetitionTime": IRT1_TR, "EchoTime": IRT1_TE, "FlipAngle": 90}
              for ti in IRT1_TI]
+    ir = sidecar_model("IRT1", names, metas)
+    data, sigma = noisy(_simulate(ir, np.stack([m0, t1], -1)), "IRT1")
     _write_members(anat, names, data, aff, metas)
-    meta = {"Model": "IRT1TRModel", "NoiseSigma": sigma, "NoiseDistribution": "Rician",
+    meta = {"Model": type(ir).__name__, "NoiseSigma": sigma, "NoiseDistribution": "Rician",
             "Units": {"T1map": "s", "M0map": "a.u."}}
     _truth(gt_anat, f"{sub}_acq-irt1", aff, {"T1map": t1, "M0map": m0,
                                              "desc-tissue_dseg": labels}, meta)
 
     # --- MESE (ideal 180 deg refocusing: mono-exponential)
     m0_se = m0 * (1.0 - np.exp(-MESE_TR / t1))
-    data, sigma = noisy(_simulate(MESEMonoModel(list(MESE_TE)), np.stack([m0_se, t2], -1)),
-                        "MESE")
     names = [f"{sub}_echo-{i}_MESE" for i in range(1, len(MESE_TE) + 1)]
     metas = [{**common, "PulseSequenceType": "SE", "EchoTime": te, "RepetitionTime": MESE_TR,
               "FlipAngle": 90, "RefocusingFlipAngle": 180} for te in MESE_TE]
+    mese = sidecar_model("MESE", names, metas)
+    data, sigma = noisy(_simulate(mese, np.stack([m0_se, t2], -1)), "MESE")
     _write_members(anat, names, data, aff, metas)
-    meta = {"Model": "MESEMonoModel", "NoiseSigma": sigma, "NoiseDistribution": "Rician",
+    meta = {"Model": type(mese).__name__, "NoiseSigma": sigma, "NoiseDistribution": "Rician",
             "Units": {"T2map": "s", "M0map": "a.u."},
             "M0Definition": "1000 * PD * (1 - exp(-RepetitionTime / T1))"}
     _truth(gt_anat, f"{sub}_acq-mese", aff, {"T2map": t2, "M0map": m0_se,
@@ -273,7 +301,40 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
                       "TB1map": "relative"}}
     _truth(gt_anat, f"{sub}_acq-mrf", aff_m, {"T1map": t1m, "T2map": t2m, "M0map": np.abs(m0m),
                                               "TB1map": b1m, "desc-tissue_dseg": lab_m}, meta)
+
+    # --- TB1DAM instead of the VFA's TB1map; last, so the other collections' noise is unchanged
+    if label in settings.tb1dam_subjects:
+        names = [f"{sub}_flip-{i}_TB1DAM" for i in range(1, len(DAM_FLIP_DEG) + 1)]
+        metas = [{**common, "PulseSequenceType": "SPGR", "FlipAngle": fa,
+                  "RepetitionTime": DAM_TR, "EchoTime": VFA_TE, "IntendedFor": vfa_uris}
+                 for fa in DAM_FLIP_DEG]
+        sidecar_model("TB1DAM", names, metas)  # the sidecars are a valid double-angle protocol
+        spgr = VFAModel(DAM_FLIP_DEG, [DAM_TR] * len(DAM_FLIP_DEG))
+        blocks = tuple(DAM_BLOCK if n >= DAM_BLOCK else 1 for n in m0.shape)
+        coarse = _block_mean(_simulate(spgr, np.stack([m0, t1], -1), b1), blocks)
+        wm_c = _block_mean(wm.astype(np.float64)[..., None], blocks)[..., 0] > 0.5
+        sigma = float(np.median(coarse[wm_c].max(-1))) / settings.snr_wm if wm_c.any() else 1.0
+        sigmas["TB1DAM"] = sigma
+        data = add_rician_noise(coarse, sigma, rng).astype(np.float32)
+        # a block's centre lies between the centres of the voxels it holds
+        aff_d = aff @ np.diag([*map(float, blocks), 1.0])
+        aff_d[:3, 3] = aff[:3, :3] @ ((np.array(blocks) - 1) / 2) + aff[:3, 3]
+        _write_members(fmap, names, data, aff_d, metas)
+        b1_dam = _block_mean(b1[..., None], blocks)[..., 0]
+        _truth(gt_anat, f"{sub}_acq-tb1dam", aff_d, {"TB1map": b1_dam}, {
+            "Model": "VFAModel (spoiled gradient echo) at RepetitionTime 10 s, 2x2x2 block means",
+            "NoiseSigma": sigma, "NoiseDistribution": "Rician",
+            "Units": {"TB1map": "relative"}})
     return sigmas
+
+
+def _block_mean(data: np.ndarray, blocks: tuple[int, int, int]) -> np.ndarray:
+    """Means of ``blocks``-sized blocks of ``data[x, y, z, n]`` (trailing voxels that fill no
+    block are dropped): the signal of the bigger voxels."""
+    (kx, ky, kz), (nx, ny, nz) = blocks, (n // k for n, k in zip(data.shape[:3], blocks,
+                                                                  strict=True))
+    data = data[: nx * kx, : ny * ky, : nz * kz]
+    return data.reshape(nx, kx, ny, ky, nz, kz, data.shape[-1]).mean(axis=(1, 3, 5))
 
 
 def _nist_sites(reference_dir: Path) -> list[tuple[str, Path, Path]]:
@@ -369,7 +430,9 @@ def write_groundtruth_readme(gt_dir: Path) -> None:
         "the receive field sub-XX_desc-truefield_{T1w,T2w}.\n"
         "qMRI collections (slab grids): sub-XX_acq-<collection>_{T1map,T2map,M0map,TB1map,"
         "desc-tissue_dseg} with <collection> = vfa, irt1, mese, mrf; each map's JSON gives the "
-        "simulating model, NoiseSigma and NoiseDistribution of that collection.\n"
+        "simulating model, NoiseSigma and NoiseDistribution of that collection. Subjects with a "
+        "double-angle TB1DAM collection (no VFA TB1map): sub-XX_acq-tb1dam_TB1map on its grid "
+        "(2x the VFA voxels).\n"
         "Optional sub-nistmrf: sub-nistmrf_acq-<site>mrf_{T1map,T2map,M0map,desc-fit_mask}.\n"))
 
 

@@ -22,6 +22,8 @@ class _SinkInputSpec(BaseInterfaceInputSpec):
     desc = traits.Str(desc="desc entity of the output")
     drop_entities = traits.List(traits.Str, desc="source entities the output does not keep")
     extra_sources = traits.List(File(exists=True), desc="other raw inputs (collection members)")
+    source_uris = traits.List(traits.Str, desc="BIDS URIs of inputs that are not raw files "
+                                               "(maps of this run: bids::sub-X/...)")
     meta_dict = traits.Dict(desc="metadata for the JSON sidecar (from the processing node)")
     extra_meta = traits.Dict(desc="static metadata for the sidecar (description, units)")
 
@@ -44,13 +46,8 @@ class DerivativesSink(SimpleInterface):
 
         from traits.api import Undefined
 
-        from qmri_bids.bids.derivatives import (
-            atomic_copy,
-            atomic_write_json,
-            bids_uri,
-            derivative_path,
-            sidecar_for,
-        )
+        from qmri_bids.artifacts import atomic_copy, atomic_write_json
+        from qmri_bids.bids.derivatives import bids_uri, derivative_path, sidecar_for
 
         desc = self.inputs.desc if self.inputs.desc is not Undefined else None
         drop = tuple(self.inputs.drop_entities or ())
@@ -59,7 +56,7 @@ class DerivativesSink(SimpleInterface):
         sources = [self.inputs.source_file, *(self.inputs.extra_sources or [])]
         meta = {**(self.inputs.extra_meta or {}), **(self.inputs.meta_dict or {}),
                 "Sources": [bids_uri(Path(self.inputs.bids_dir), Path(s)) for s in
-                            dict.fromkeys(sources)]}
+                            dict.fromkeys(sources)] + list(self.inputs.source_uris or [])}
         atomic_copy(Path(self.inputs.in_file), out)
         atomic_write_json(sidecar_for(out), meta)
         self._results["out_file"] = str(out)

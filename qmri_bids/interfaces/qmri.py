@@ -7,6 +7,7 @@ from nipype.interfaces.base import (
     File,
     SimpleInterface,
     TraitedSpec,
+    isdefined,
     traits,
 )
 
@@ -40,8 +41,10 @@ def collection_from_dict(payload: dict):
 
 class _MapInputSpec(BaseInterfaceInputSpec):
     collection = traits.Dict(mandatory=True, desc="the collection (collection_to_dict)")
-    estimators = traits.List(traits.Enum("nn", "nlls", "dict"), value=["nn"], usedefault=True)
-    estimator_file = File(exists=True, desc="trained network (.safetensors) for this protocol")
+    plan = traits.Dict(mandatory=True, desc="its plan (qmri_bids.qmri.plan.CollectionPlan)")
+    estimator_file = File(exists=True, desc="network trained after the plan was made")
+    b1map = File(exists=True, desc="B1+ map on the collection's grid provided by another "
+                                   "collection (plan.b1_provider); a TB1map from fmap/ wins")
     device = traits.Enum("cpu", "cuda", usedefault=True)
     use_gpu = traits.Bool(False, usedefault=True, desc="take one of MultiProc's GPU slots")
     n_threads = traits.Int(1, usedefault=True)
@@ -52,10 +55,13 @@ class _MapOutputSpec(TraitedSpec):
     suffixes = traits.List(traits.Str)
     descs = traits.List(traits.Str, desc="desc entity per map ('' for the primary map)")
     metas = traits.List(traits.Dict, desc="sidecar metadata per map")
+    provided = File(exists=True, desc="the primary map the model provides to other collections "
+                                      "(its ``provides`` suffix), when it provides one")
 
 
 class QmriMapping(SimpleInterface):
-    """Maps of one qMRI collection (network primary; NLLS/dictionary; CRB SD)."""
+    """Maps of one qMRI collection as its plan says (network or closed form primary;
+    NLLS/dictionary; CRB SD)."""
 
     input_spec = _MapInputSpec
     output_spec = _MapOutputSpec
@@ -70,16 +76,19 @@ class QmriMapping(SimpleInterface):
 
         from qmri_bids.bids.derivatives import save_like
         from qmri_bids.qmri.mapping import ZHANG_2022, map_collection
+        from qmri_bids.qmri.plan import CollectionPlan
 
         torch.set_num_threads(max(1, self.inputs.n_threads))
         collection = collection_from_dict(self.inputs.collection)
+        plan = CollectionPlan.from_dict(self.inputs.plan)
         est_file = (None if self.inputs.estimator_file is Undefined
                     else Path(self.inputs.estimator_file))
-        result = map_collection(collection, self.inputs.estimators, estimator_file=est_file,
-                                device=self.inputs.device)
+        b1map = None if self.inputs.b1map is Undefined else Path(self.inputs.b1map)
+        result = map_collection(collection, plan, estimator_file=est_file,
+                                device=self.inputs.device, b1map=b1map)
         reference = nib.load(str(collection.members[0].path))
         ref = nib.Nifti1Image(np.zeros(result.shape, np.float32), result.affine, reference.header)
-        acquisition = _acquisition_metadata(collection)
+        acquisition = _acquisition_metadata(collection, plan)
         files, suffixes, descs, metas = [], [], [], []
         for index, pmap in enumerate(result.maps):
             path = Path(runtime.cwd) / f"map{index:02d}_{pmap.desc or 'main'}_{pmap.suffix}.nii.gz"
@@ -96,16 +105,62 @@ class QmriMapping(SimpleInterface):
                 **{k: v for k, v in result.metadata.items() if v not in (None, [])},
             })
         self._results.update(out_files=files, suffixes=suffixes, descs=descs, metas=metas)
+        if plan.provides is not None:
+            primary = [f for f, s, d in zip(files, suffixes, descs, strict=True)
+                       if s == plan.provides and not d]
+            if not primary:
+                raise ValueError(f"{collection.members[0].path.name}: the {plan.model_name} "
+                                 f"model provides a {plan.provides} but made none")
+            self._results["provided"] = primary[0]
         return runtime
 
 
-def _acquisition_metadata(collection) -> dict:
-    """Acquisition parameters of the members that were fitted (excluded ones left out), as
-    arrays where they vary (BIDS qMRI style)."""
-    from qmri_bids.qmri.protocols import select_consistent_members
+class _ResampleInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="B1+ map (another collection's grid)")
+    reference = File(exists=True, mandatory=True, desc="a member of the collection it is for")
+    shape = traits.List(traits.Int, mandatory=True, desc="spatial shape of that collection")
+    target = traits.Str("the images", usedefault=True, desc="that collection, for messages")
+    source = traits.Str(desc="how messages name the map (default: its file name)")
 
-    members = (collection.members if collection.suffix == "MRF"
-               else select_consistent_members(collection)[0])
+
+class _ResampleOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the B1+ map on the reference's grid")
+
+
+class ResampleB1Map(SimpleInterface):
+    """A B1+ map resampled to the grid of the collection it is for (by the affines, linear;
+    :func:`qmri_bids.qmri.protocols.resample_b1map`); the same values when the grids are the
+    same."""
+
+    input_spec = _ResampleInputSpec
+    output_spec = _ResampleOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        import nibabel as nib
+        import numpy as np
+
+        from qmri_bids.bids.derivatives import save_like
+        from qmri_bids.qmri.protocols import resample_b1map
+
+        shape = tuple(self.inputs.shape)
+        affine = nib.load(self.inputs.reference).affine
+        source = self.inputs.source if isdefined(self.inputs.source) else None
+        b1 = resample_b1map(self.inputs.in_file, shape, affine, target=self.inputs.target,
+                            source=source)
+        ref = nib.Nifti1Image(np.zeros(shape, np.float32), affine)
+        out = Path(runtime.cwd) / "b1map_on_grid.nii.gz"
+        save_like(b1, ref, out)
+        self._results["out_file"] = str(out)
+        return runtime
+
+
+def _acquisition_metadata(collection, plan) -> dict:
+    """Acquisition parameters of the members that were fitted (excluded ones left out), in the
+    collection's order, as arrays where they vary (BIDS qMRI style)."""
+    excluded = {name for name, _ in plan.excluded}
+    members = [m for m in collection.members if m.path.name not in excluded]
     keys = ("FlipAngle", "RepetitionTimeExcitation", "RepetitionTime", "InversionTime",
             "EchoTime", "MTState", "MagneticFieldStrength", "RefocusingFlipAngle")
     out = {}
@@ -123,7 +178,7 @@ def _acquisition_metadata(collection) -> dict:
 
 class _TrainInputSpec(BaseInterfaceInputSpec):
     model_name = traits.Str(mandatory=True)
-    protocol = traits.Dict(mandatory=True, desc="protocol dict (model_store.protocol_dict)")
+    protocol = traits.Dict(mandatory=True, desc="the model's to_protocol()")
     cache_dir = traits.Str(mandatory=True, desc="user model cache (--model-dir)")
     seed = traits.Int(0, usedefault=True)
     loss = traits.Enum("crb", "mse", usedefault=True)
@@ -150,36 +205,21 @@ class TrainQmriEstimator(SimpleInterface):
     def _run_interface(self, runtime):
         from pathlib import Path
 
+        import torch
         from traits.api import Undefined
 
-        import torch
-
-        from qmri_bids.qmri.model_store import find_or_train, model_from_protocol
+        from qmri_bids.qmri.model_store import find_or_train
+        from qmri_bids.qmri.models import model_class
 
         # Set in the worker itself: a forked MultiProc worker must not inherit the parent's
         # OpenMP pool (it deadlocks in the first parallel region).
         torch.set_num_threads(max(1, self.inputs.n_threads))
-        model = model_from_protocol(self.inputs.model_name, self.inputs.protocol)
+        model = model_class(self.inputs.model_name).from_protocol(self.inputs.protocol)
         kwargs = {"seed": self.inputs.seed, "loss": self.inputs.loss}
         if self.inputs.time_budget_s is not Undefined:
             kwargs["time_budget_s"] = self.inputs.time_budget_s
-        if self.inputs.force:
-            from qmri_bids.qmri.model_store import (
-                estimator_stem,
-                export_estimator,
-                recommended_train_kwargs,
-                train_and_card,
-            )
-
-            net, card = train_and_card(model, self.inputs.protocol,
-                                       **{**recommended_train_kwargs(model), **kwargs})
-            stem = Path(self.inputs.cache_dir) / estimator_stem(self.inputs.model_name,
-                                                                 self.inputs.protocol)
-            weights, _ = export_estimator(net, stem, card)
-        else:
-            _, card, weights, _ = find_or_train(self.inputs.model_name, model,
-                                                self.inputs.protocol, None,
-                                                Path(self.inputs.cache_dir), kwargs)
+        _, card, weights, _ = find_or_train(model, cache_dir=Path(self.inputs.cache_dir),
+                                            train_kwargs=kwargs, force=self.inputs.force)
         self._results["estimator_file"] = str(weights)
         self._results["card"] = card
         return runtime

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmri_bids.progress import progress
 from qmri_bids.qmri.base import SignalModel
 
 __all__ = [
@@ -285,7 +286,8 @@ class DictionaryMatcher:
         # a complex model whose unit-M0 atoms are all real (FISP with 0 RF phase) gets a real
         # dictionary: 4x cheaper Gram/projections, half the memory. Decided chunk by chunk.
         self.real_atoms = True
-        for k, sl in enumerate(chunks):
+        for k, sl in progress(list(enumerate(chunks)), desc=f"dictionary ({self.model.name})",
+                              unit="atom blocks"):
             f = first if k == 0 else self._atoms(sl)
             if f.is_complex() and self.real_atoms and not torch.any(f.imag != 0):
                 f = f.real
@@ -364,7 +366,8 @@ class DictionaryMatcher:
         basis = self.basis
         out_i, out_ip, out_n = [], [], []
         step = self.voxel_chunk(atoms.shape[0])
-        for v0 in range(0, x.shape[0], step):
+        for v0 in progress(range(0, x.shape[0], step), desc="dictionary matching",
+                           unit="voxel blocks"):
             xv = x[v0: v0 + step]
             n = xv.shape[0]
             if atoms.is_complex():

@@ -33,173 +33,10 @@ from torch import nn
 
 from qmri_bids.qmri.base import ParameterSpec, SignalModel
 from qmri_bids.qmri.crb import inverse_diagonal, jacobian_mode, model_jacobian
+from qmri_bids.qmri.prior import ParameterPrior
 
 #: bumped whenever the network / normalisation / prior semantics change (enters the protocol hash)
-ESTIMATOR_VERSION = "1"
-
-B1_RANGE = (0.7, 1.3)
-
-
-# ----------------------------------------------------------------------------- priors
-
-
-@dataclass(frozen=True)
-class PriorRange:
-    """Prior of one network output: uniform (``log=False``) or log-uniform between the bounds."""
-
-    name: str
-    lower: float
-    upper: float
-    log: bool = False
-    unit: str = ""
-
-    def sample(self, n: int, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-        u = torch.rand(n, generator=gen, dtype=dtype)
-        return self.from_unit(u)
-
-    def from_unit(self, u: torch.Tensor) -> torch.Tensor:
-        if self.log:
-            lo, hi = math.log(self.lower), math.log(self.upper)
-            return torch.exp(lo + (hi - lo) * u)
-        return self.lower + (self.upper - self.lower) * u
-
-    def grid(self, n: int, margin: float = 0.1, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """``n`` points inside the prior, ``margin`` (fraction of the range) away from its edges."""
-        u = torch.linspace(margin, 1 - margin, n, dtype=dtype) if n > 1 else torch.full(
-            (1,), 0.5, dtype=dtype)
-        return self.from_unit(u)
-
-
-@dataclass(frozen=True)
-class ParameterPrior:
-    """Training distribution of one model's parameters.
-
-    Attributes:
-        model_name: the ``SignalModel.name`` it belongs to.
-        ranges: priors of the *network outputs*, in model-parameter order, excluding the scale.
-            A name listed in ``relative`` is the ratio to the scale parameter (IR: ``b`` is b/a).
-        scale: name of the scale parameter (``"M0"``, ``"S0"``, ``"a"``, ``"A"``) or
-            ``"complex"`` for a complex M0 stored as (``M0_re``, ``M0_im``) (MRF).
-        relative: nuisance parameters proportional to the scale (expressed as ratios).
-        b1: range of the known relative B1+ fed to the network as an extra input (None when the
-            model does not depend on a known B1; 1 is used when no B1 map is given).
-        sources: where the ranges come from.
-    """
-
-    model_name: str
-    ranges: tuple[PriorRange, ...]
-    scale: str = "M0"
-    relative: tuple[str, ...] = ()
-    b1: tuple[float, float] | None = None
-    sources: str = ""
-    constraint: str | None = None  # only "T2<=T1" (physical relaxation times) is supported
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(r.name for r in self.ranges)
-
-    def admissible(self, shape: torch.Tensor) -> torch.Tensor:
-        """Boolean ``[...]``: which shape-parameter vectors satisfy ``constraint``."""
-        if self.constraint is None:
-            return torch.ones(shape.shape[:-1], dtype=torch.bool, device=shape.device)
-        if self.constraint == "T2<=T1":
-            return shape[..., self.names.index("T2")] <= shape[..., self.names.index("T1")]
-        raise ValueError(f"unknown prior constraint {self.constraint!r}")
-
-    def sample(
-        self, n: int, gen: torch.Generator, dtype: torch.dtype = torch.float64
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(shape parameters ``[n, P_out]``, known B1 ``[n]`` or None); rejection sampling
-        when there is a ``constraint``."""
-        shape = torch.stack([r.sample(n, gen, dtype) for r in self.ranges], dim=-1)
-        while self.constraint is not None and not bool(self.admissible(shape).all()):
-            bad = ~self.admissible(shape)
-            nb = int(bad.sum())
-            shape[bad] = torch.stack([r.sample(nb, gen, dtype) for r in self.ranges], dim=-1)
-        b1 = None
-        if self.b1 is not None:
-            lo, hi = self.b1
-            b1 = lo + (hi - lo) * torch.rand(n, generator=gen, dtype=dtype)
-        return shape, b1
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["ranges"] = [asdict(r) for r in self.ranges]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ParameterPrior:
-        return cls(
-            model_name=d["model_name"],
-            ranges=tuple(PriorRange(**r) for r in d["ranges"]),
-            scale=d.get("scale", "M0"),
-            relative=tuple(d.get("relative", ())),
-            b1=None if d.get("b1") is None else tuple(d["b1"]),
-            sources=d.get("sources", ""),
-            constraint=d.get("constraint"),
-        )
-
-
-_T1_BRAIN = ("T1 0.2-5 s log-uniform: white matter ~0.8 s and grey matter ~1.4 s at 3 T, CSF ~4 s "
-             "(Stanisz et al., MRM 2005;54:507; Wansapura et al., JMRI 1999;9:531), widened to "
-             "cover 1.5-7 T and pathology.")
-_B1 = ("Known relative B1+ 0.7-1.3: the range of transmit-field maps of the head at 3 T "
-       "(Sacolick et al., MRM 2010;63:1315); fed to the network, 1 when no map is given.")
-
-
-def default_prior(model: SignalModel) -> ParameterPrior:
-    """The documented prior of each registered model (see the ``sources`` of each)."""
-    name = model.name
-    t1 = PriorRange("T1", 0.2, 5.0, True, "s")
-    if name == "vfa":
-        return ParameterPrior(name, (t1,), "M0", (), B1_RANGE, _T1_BRAIN + " " + _B1)
-    if name == "irt1":
-        return ParameterPrior(
-            name, (PriorRange("b", -2.2, -1.0, False, "ratio b/a"), t1), "a", ("b",), None,
-            _T1_BRAIN + " b/a -2.2 to -1.0: S = M0(1 - 2k e^(-TI/T1) + e^(-TR/T1)) gives "
-            "b/a = -2k/(1 + e^(-TR/T1)): -2 for a perfect inversion (k = 1) with full recovery, "
-            "towards -1 for a short TR or poor inversion (Barral et al., MRM 2010;64:1057); "
-            "-2.2 leaves room for slice-profile/readout effects. NLLS on ds-real sub-brain03 "
-            "gives a median b/a of -2.02 (noise spreads it to -3.6...-1.1).")
-    if name == "irt1-tr":
-        return ParameterPrior(name, (t1,), "M0", (), None, _T1_BRAIN)
-    if name == "mese-mono":
-        return ParameterPrior(
-            name, (PriorRange("T2", 0.01, 0.5, True, "s"),), "M0", (), None,
-            "T2 0.01-0.5 s log-uniform: muscle/liver ~30-40 ms, kidney cortex/medulla ~70-120 ms, "
-            "brain 70-100 ms, long-T2 fluid-rich tissue up to ~0.5 s at 1.5-3 T "
-            "(Stanisz 2005; de Bazelaire et al., Radiology 2004;230:652).")
-    if name == "megre":
-        return ParameterPrior(
-            name, (PriorRange("R2star", 5.0, 200.0, True, "1/s"),), "S0", (), None,
-            "R2* 5-200 1/s log-uniform: brain 15-30 1/s, deep grey matter ~40 1/s, liver ~30 1/s, "
-            "iron overload to ~200 1/s at 3 T (Peran et al., Brain 2007; Wood et al., Blood 2005).")
-    if name == "mese-epg":
-        ranges = [PriorRange("T2", 0.01, 0.5, True, "s")]
-        if getattr(model, "estimate_b1", False):
-            ranges.append(PriorRange("B1", 0.7, 1.3, False, ""))
-        return ParameterPrior(name, tuple(ranges), "M0", (), None,
-                              "T2 as mese-mono; B1 (refocusing efficiency) 0.7-1.3.")
-    if name == "mts":
-        return ParameterPrior(
-            name, (t1, PriorRange("MTsat", 0.001, 0.06, False, "fraction")), "A", (), B1_RANGE,
-            _T1_BRAIN + " MTsat 0.1-6 %: WM ~4 %, GM ~2 % (Helms et al., MRM 2008;60:1396). "
-            + _B1)
-    if name == "mp2rage":
-        return ParameterPrior(name, (PriorRange("T1", 0.2, 4.0, True, "s"),), "M0", (), B1_RANGE,
-                              _T1_BRAIN + " " + _B1)
-    if name == "mrf":
-        ranges = [PriorRange("T1", 0.1, 4.0, True, "s"), PriorRange("T2", 0.01, 2.0, True, "s")]
-        if getattr(model, "estimate_b1", False):
-            ranges.append(PriorRange("B1", 0.7, 1.3, False, ""))
-        return ParameterPrior(
-            name, tuple(ranges), "complex", (), None,
-            "MRF T1 0.1-4 s, T2 0.01-2 s log-uniform with T2 <= T1 (the dictionary ranges of "
-            "Jiang et al., MRM 2015;74:1621 and of Zhang et al. 2022), B1 0.7-1.3 when "
-            "estimated (else nominal B1 = 1 is assumed); M0 complex with a uniform phase.",
-            constraint="T2<=T1")
-    raise ValueError(f"no default prior for model {name!r}")
-
+ESTIMATOR_VERSION = "2"
 
 # ----------------------------------------------------------------------------- parameter algebra
 
@@ -362,18 +199,29 @@ class EstimatorConfig:
 
 def default_config(model: SignalModel, prior: ParameterPrior | None = None,
                    n_inputs: int | None = None) -> EstimatorConfig:
-    """Sizes per problem: ~70k parameters for 2-10 point protocols, wider and SVD-compressed
-    (13 coefficients, as in Zhang et al.) for long complex signals such as MRF."""
-    prior = prior or default_prior(model)
+    """Sizes per problem. 2-64 point protocols: width 64, 3 residual blocks (~30k weights;
+    ~50 kFLOP per voxel, so that inference runs at >= 1 M voxels/s on two CPU threads -- width
+    96 measured 0.3 M voxels/s per thread, compute-bound). Long complex signals such as MRF:
+    20 SVD coefficients (13 in Zhang et al.; 20 keep >= 99 % of the Fisher information over the
+    prior of the default schedule, 13 lose up to 10 % for T2), width 256, 4 blocks."""
+    prior = prior or model.default_prior()
     if n_inputs is None:
         probe, _ = prior.sample(1, torch.Generator().manual_seed(0))
         n_inputs = int(unit_signal(model, prior, probe, None if prior.b1 is None else
                                    torch.ones(1, dtype=torch.float64)).shape[-1])
     long = model.is_complex or n_inputs > 64
+    extra: dict[str, Any] = {}
+    if long:
+        # The M0 table replaces a signal simulation per voxel (an EPG run for MRF); it spans the
+        # shape parameters and, with a known-B1 input, B1 (grid_sample handles up to 3 axes).
+        n_axes = len(prior.ranges) + int(prior.b1 is not None)
+        if n_axes <= 3:
+            extra = {"m0_grid": {1: 64, 2: 64, 3: 40}[n_axes] if prior.b1 is None else 48}
+            if prior.b1 is not None:
+                extra["m0_grid_b1"] = 13
     return EstimatorConfig(model.name, prior.to_dict(), n_inputs, bool(model.is_complex),
-                           n_svd=13 if long else 0, width=192 if long else 96,
-                           depth=3, extra={"m0_grid": 64} if (long and len(prior.ranges) <= 2)
-                           else ({"m0_grid": 24} if long and len(prior.ranges) == 3 else {}))
+                           n_svd=20 if long else 0, width=256 if long else 64,
+                           depth=4 if long else 3, extra=extra)
 
 
 class CrbEstimator(nn.Module):
@@ -416,9 +264,11 @@ class CrbEstimator(nn.Module):
             hi.append(b + m)
             log.append(r.log)
         g = int(config.extra.get("m0_grid", 0))
-        if g and k and not self.use_b1:
+        g_b1 = int(config.extra.get("m0_grid_b1", 0))
+        if g and k and (g_b1 or not self.use_b1):
             p = len(self.prior.ranges)
-            self.register_buffer("m0_table", torch.zeros(2 * k, *([g] * p)))
+            self.register_buffer("m0_table", torch.zeros(2 * k, *([g] * p),
+                                                         *([g_b1] if self.use_b1 else [])))
         self.register_buffer("out_lo", torch.tensor(lo, dtype=torch.float32))
         self.register_buffer("out_hi", torch.tensor(hi, dtype=torch.float32))
         self.register_buffer("out_log", torch.tensor(log, dtype=torch.bool))
@@ -483,25 +333,43 @@ class CrbEstimator(nn.Module):
     def has_m0_table(self) -> bool:
         return hasattr(self, "m0_table")
 
+    def _b1_unit(self, b1: torch.Tensor | None, batch: tuple[int, ...]) -> torch.Tensor:
+        """Position of the known B1 inside the prior's B1 range, in [0, 1] (1 = nominal when
+        no map is given)."""
+        lo, hi = self.prior.b1
+        kb = torch.ones(batch, dtype=torch.float64) if b1 is None else torch.broadcast_to(
+            torch.as_tensor(b1, dtype=torch.float64), batch)
+        return ((kb - lo) / (hi - lo)).clamp(0.0, 1.0)
+
     def set_m0_table(self) -> None:
         """Tabulate the SVD coefficients of the unit-M0 signal on a regular grid of the output
-        range (``config.extra["m0_grid"]`` points per parameter, 1-3 parameters, no B1 input):
-        M0 is then ``c₁ᴴ Vᴴy / ‖c₁‖²`` with ``c₁`` interpolated (multilinear) at the estimate,
-        instead of a full signal simulation per voxel (an EPG run for MRF)."""
+        range (``config.extra["m0_grid"]`` points per parameter, and ``m0_grid_b1`` points over
+        the prior's B1 range when B1 is an input; at most 3 axes): M0 is then
+        ``c₁ᴴ Vᴴy / ‖c₁‖²`` with ``c₁`` interpolated (multilinear) at the estimate, instead of a
+        full signal simulation per voxel (an EPG run for MRF)."""
         g = int(self.config.extra["m0_grid"])
         p = len(self.prior.ranges)
         axes = [torch.linspace(0, 1, g, dtype=torch.float64)] * p
+        if self.use_b1:
+            axes = axes + [torch.linspace(0, 1, int(self.config.extra["m0_grid_b1"]),
+                                          dtype=torch.float64)]
         u = torch.stack([m.reshape(-1) for m in torch.meshgrid(*axes, indexing="ij")], -1)
-        phys = self.to_physical(u.float()).to(torch.float32)
+        phys = self.to_physical(u[:, :p].float()).to(torch.float64)
+        kb = None
+        if self.use_b1:
+            lo, hi = self.prior.b1
+            kb = lo + (hi - lo) * u[:, p]
         with torch.no_grad():
-            sig = torch.cat([unit_signal(self.signal_model, self.prior, phys[i: i + 2048], None)
+            sig = torch.cat([unit_signal(self.signal_model, self.prior, phys[i: i + 2048],
+                                         None if kb is None else kb[i: i + 2048])
                              for i in range(0, phys.shape[0], 2048)])
         v = torch.complex(self.svd_basis[..., 0], self.svd_basis[..., 1]).to(torch.complex64)
-        c = sig.to(torch.complex64) @ v  # [G^p, K]
-        table = torch.cat([c.real, c.imag], -1).T.reshape(-1, *([g] * p))  # [2K, G, ...]
+        c = sig.to(torch.complex64) @ v  # [G^p (x G_b1), K]
+        table = torch.cat([c.real, c.imag], -1).T.reshape(-1, *self.m0_table.shape[1:])
         self.m0_table.copy_(table.to(self.m0_table))
 
     def _interp_coefficients(self, u: torch.Tensor) -> torch.Tensor:
+        """Coefficients of the unit-M0 signal at table coordinates ``u[B, axes]`` in [0, 1]."""
         p = u.shape[-1]
         k = self.config.n_svd
         t = self.m0_table.to(torch.float32)
@@ -519,10 +387,14 @@ class CrbEstimator(nn.Module):
         out = out.T  # [B, 2K]
         return torch.complex(out[:, :k], out[:, k:])
 
-    def m0_from_table(self, data: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    def m0_from_table(self, data: torch.Tensor, u: torch.Tensor,
+                      b1: torch.Tensor | None = None) -> torch.Tensor:
         v = torch.complex(self.svd_basis[..., 0], self.svd_basis[..., 1]).to(torch.complex128)
         cy = data.to(torch.complex128) @ v
-        c1 = self._interp_coefficients(u.reshape(-1, u.shape[-1])).to(torch.complex128)
+        coords = u.reshape(-1, u.shape[-1]).double()
+        if self.use_b1:
+            coords = torch.cat([coords, self._b1_unit(b1, u.shape[:-1]).reshape(-1, 1)], -1)
+        c1 = self._interp_coefficients(coords).to(torch.complex128)
         c1 = c1.reshape(*cy.shape)
         return (c1.conj() * cy).sum(-1) / (c1.abs() ** 2).sum(-1).clamp_min(1e-30)
 
@@ -537,7 +409,7 @@ class CrbEstimator(nn.Module):
         shape = self.to_physical(u.double())
         y = data.to(torch.complex128 if data.is_complex() else torch.float64)
         if self.has_m0_table:
-            m0 = self.m0_from_table(y, u)
+            m0 = self.m0_from_table(y, u, b1 if self.use_b1 else None)
         else:
             kb = None
             if b1 is not None and self.use_b1:

@@ -1,16 +1,19 @@
 """Storage of trained estimators: protocol hash, model cards, shipped models and the user cache.
 
-A trained network is two files: ``<stem>.safetensors`` (weights, incl. the SVD basis and the
-output bounds) and ``<stem>.json`` (the *model card*: model name, protocol, prior, estimator
-config, training settings, validation efficiency, sha256 of the weights, hardware, torch
-version). ``<stem>`` is ``<model name>-<protocol hash>``; the hash covers the model name, the
-acquisition parameters (rounded to 6 significant digits) and ``ESTIMATOR_VERSION``, so a changed
-flip angle selects (or trains) another network, while the same protocol reuses the cached one.
+A trained network is two files (:mod:`qmri_bids.artifacts`, kind ``"crb-estimator"``):
+``<stem>.safetensors`` (weights, incl. the SVD basis and the output bounds) and ``<stem>.json``
+(the model card: model name, protocol, prior, estimator config, training settings, validation
+efficiency, sha256 of the weights, hardware, torch version). ``<stem>`` is
+``<model name>-<protocol hash>``; the hash covers the model name, the acquisition parameters
+(:meth:`~qmri_bids.qmri.base.SignalModel.to_protocol`, rounded to 6 significant digits) and
+``ESTIMATOR_VERSION``, so a changed flip angle selects (or trains) another network, while the
+same protocol reuses the cached one.
 
-Look-up order of :func:`find_or_train`: the shipped models (``qmri_bids/models/qmri``), any
-other ``search_dirs``, the user cache; otherwise train and write to the cache atomically
-(temporary files + ``os.replace``; the card, written last, marks a complete pair) under a file
-lock so that parallel participants with the same protocol train it once.
+Look-up order (:func:`locate_estimator`, used by the run's plan, and :func:`find_or_train`, used
+by the training node and ``qmri-bids train qmri``): the shipped models
+(``qmri_bids/models/qmri``), any other ``search_dirs``, the user cache (``--model-dir``);
+otherwise train and write to the cache atomically under a file lock so that parallel
+participants with the same protocol train it once.
 """
 
 from __future__ import annotations
@@ -22,17 +25,17 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from qmri_bids import artifacts
 from qmri_bids.errors import BadDataError
-from qmri_bids.provenance import sha256_file
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.estimator import (
     ESTIMATOR_VERSION,
@@ -40,12 +43,13 @@ from qmri_bids.qmri.estimator import (
     config_from_dict,
     config_to_dict,
 )
+from qmri_bids.qmri.models import model_class
 
 log = logging.getLogger("qmri_bids.qmri")
 
-CARD_FORMAT = "qmri-bids-crb-estimator"
+CARD_KIND = "crb-estimator"
 SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models" / "qmri"
-_REQUIRED_CARD_KEYS = ("format", "model", "protocol", "config", "weights_sha256")
+_REQUIRED_CARD_KEYS = ("model", "protocol", "config")
 
 
 def default_cache_dir() -> Path:
@@ -85,101 +89,52 @@ def _canonical(value: Any) -> Any:
     raise TypeError(f"cannot hash protocol value of type {type(value).__name__}")
 
 
-def protocol_hash(model_name: str, protocol_dict: Mapping[str, Any]) -> str:
+def protocol_hash(model_name: str, protocol: Mapping[str, Any]) -> str:
     """sha256 (first 16 hex) of the canonical JSON of model name, protocol and estimator version."""
-    payload = {"model": model_name, "protocol": _canonical(protocol_dict),
+    payload = {"model": model_name, "protocol": _canonical(protocol),
                "estimator_version": ESTIMATOR_VERSION}
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def protocol_dict(model: SignalModel) -> dict[str, Any]:
-    """The constructor arguments of ``model`` (JSON-able): what defines its protocol.
-
-    Supported: vfa, irt1, irt1-tr, mese-mono, megre, mts, mese-epg, mrf.
-    """
-    def lst(t: Any) -> list[float]:
-        return [float(v) for v in np.asarray(t.detach().cpu() if isinstance(t, torch.Tensor)
-                                             else t, dtype=np.float64).reshape(-1)]
-
-    n = model.name
-    if n == "vfa":
-        return {"flip_angle_deg": lst(model.flip_angle_deg), "tr": lst(model.tr)}
-    if n == "irt1":
-        return {"inversion_time": lst(model.inversion_time), "magnitude": bool(model.magnitude)}
-    if n == "irt1-tr":
-        return {"inversion_time": lst(model.inversion_time), "tr": float(model.tr),
-                "magnitude": bool(model.magnitude)}
-    if n in ("mese-mono", "megre"):
-        return {"echo_time": lst(model.echo_time)}
-    if n == "mts":
-        return {"flip_angle_deg": lst(model.flip_angle_deg), "tr": lst(model.tr),
-                "mt_on": [bool(v) for v in np.asarray(model.mt_on).reshape(-1)]}
-    if n == "mese-epg":
-        return {k: getattr(model, k) for k in (
-            "echo_spacing", "n_echoes", "t1", "refocus_deg", "excitation_deg",
-            "b1_scales_excitation", "estimate_b1", "n_states")}
-    if n == "mrf":
-        s = model.schedule
-        return {"schedule": {"flip_angle_deg": lst(s.flip_angle_deg), "tr": lst(s.tr),
-                             "te": lst(s.te), "rf_phase_deg": lst(s.rf_phase_deg),
-                             "inversion_time": s.inversion_time},
-                "estimate_b1": bool(model.estimate_b1), "n_states": int(model.n_states)}
-    raise ValueError(f"no protocol description for model {n!r}")
+def estimator_stem(model_name: str, protocol: Mapping[str, Any]) -> str:
+    return f"{model_name}-{protocol_hash(model_name, protocol)}"
 
 
-_ORDER_KEYS = {"vfa": "flip_angle_deg", "irt1": "inversion_time", "irt1-tr": "inversion_time",
-               "mese-mono": "echo_time", "megre": "echo_time"}
+@dataclass(frozen=True)
+class NetworkPlan:
+    """Which network maps a protocol: a verified file, or ``weights=None`` (train on demand)."""
 
+    model_name: str
+    protocol: dict[str, Any]
+    protocol_hash: str
+    weights: Path | None = None  # the .safetensors
+    sha256: str | None = None
 
-def canonical_order(model: SignalModel) -> tuple[np.ndarray, SignalModel]:
-    """(permutation, model with its members in that order): members sorted by their varying
-    parameter (flip angle, TI, TE), so that the same protocol listed in another member order
-    gets the same hash and network. Apply it to the data: ``data[..., perm]``. Models without
-    a member axis (MRF, EPG, MTS) are returned unchanged with the identity permutation."""
-    key = _ORDER_KEYS.get(model.name)
-    proto = protocol_dict(model)
-    if key is None:
-        n = getattr(model, "n_timepoints", None) or 0
-        return np.arange(n), model
-    values = np.asarray(proto[key])
-    perm = np.argsort(values, kind="stable")
-    if np.array_equal(perm, np.arange(values.size)):
-        return perm, model
-    for k, v in proto.items():
-        if isinstance(v, list) and len(v) == values.size:
-            proto[k] = [v[i] for i in perm]
-    return perm, model_from_protocol(model.name, proto)
+    @property
+    def stem(self) -> str:
+        return f"{self.model_name}-{self.protocol_hash}"
 
+    @property
+    def train_on_demand(self) -> bool:
+        return self.weights is None
 
-def model_from_protocol(model_name: str, protocol: Mapping[str, Any]) -> SignalModel:
-    """Inverse of :func:`protocol_dict`."""
-    from qmri_bids.qmri.models import MODELS
+    def model(self) -> SignalModel:
+        return model_class(self.model_name).from_protocol(self.protocol)
 
-    if model_name == "mrf":
-        from qmri_bids.qmri.models.mrf import MRFModel, MRFSchedule
+    def to_dict(self) -> dict[str, Any]:
+        return {"model_name": self.model_name, "protocol": self.protocol,
+                "protocol_hash": self.protocol_hash,
+                "weights": None if self.weights is None else str(self.weights),
+                "sha256": self.sha256}
 
-        return MRFModel(MRFSchedule(**protocol["schedule"]), estimate_b1=protocol["estimate_b1"],
-                        n_states=protocol["n_states"])
-    if model_name == "mese-epg":
-        from qmri_bids.qmri.models.mese_epg import MESEEPG
-
-        return MESEEPG(**protocol)
-    if model_name == "mts":
-        kw = dict(protocol)
-        kw["mt_on"] = np.asarray(kw["mt_on"], dtype=bool)
-        return MODELS["mts"](**kw)
-    if model_name not in MODELS:
-        raise BadDataError(f"unknown signal model {model_name!r} in a model card")
-    return MODELS[model_name](**protocol)
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> NetworkPlan:
+        return cls(d["model_name"], dict(d["protocol"]), d["protocol_hash"],
+                   None if d.get("weights") is None else Path(d["weights"]), d.get("sha256"))
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def _stem(path: str | Path) -> Path:
-    p = Path(path)
-    return p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
 
 
 def export_estimator(net: CrbEstimator, path_stem: str | Path, card: Mapping[str, Any]
@@ -187,63 +142,25 @@ def export_estimator(net: CrbEstimator, path_stem: str | Path, card: Mapping[str
     """Write ``<stem>.safetensors`` and ``<stem>.json`` atomically; returns their paths.
 
     ``card`` holds the caller's fields (protocol, training report, validation...); this adds
-    format, estimator version, config, prior, weights file name and sha256, number of weights.
+    the estimator version, config, prior and number of weights (the card envelope with the
+    sha256 is :func:`qmri_bids.artifacts.write_model`'s).
     """
-    from safetensors.torch import save_file
-
-    stem = _stem(path_stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    weights, card_path = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
-    full = dict(card)
-    full.update({
-        "format": CARD_FORMAT,
+    fields = dict(card)
+    fields.update({
         "estimator_version": ESTIMATOR_VERSION,
         "model": net.config.model_name,
         "config": config_to_dict(net.config),
         "prior": net.config.prior,
-        "weights_file": weights.name,
         "n_weights": net.n_weights(),
     })
-    full.setdefault("protocol", None)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    fd, tmpw = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=".safetensors.tmp",
-                                dir=stem.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmpw, metadata={"format": CARD_FORMAT, "model": full["model"]})
-        full["weights_sha256"] = sha256_file(Path(tmpw))
-        fd, tmpc = tempfile.mkstemp(prefix=f".{stem.name}.", suffix=".json.tmp", dir=stem.parent)
-        with os.fdopen(fd, "w") as fh:
-            json.dump(full, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        for t in (tmpw, tmpc):  # mkstemp creates 0600; shipped/cached files must be readable
-            os.chmod(t, 0o644 & ~umask)
-        os.replace(tmpw, weights)
-        os.replace(tmpc, card_path)  # last: a card next to its weights marks a complete pair
-    finally:
-        for t in (tmpw,):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(t)
-    return weights, card_path
+    fields.setdefault("protocol", None)
+    return artifacts.write_model(artifacts.weights_path(path_stem), net.state_dict(), fields,
+                                 kind=CARD_KIND, metadata={"model": fields["model"]})
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
-    """The model card of ``path`` (stem, .json or .safetensors); BadDataError if unusable."""
-    card_path = _stem(path).with_suffix(".json")
-    if not card_path.is_file():
-        raise BadDataError(f"{card_path}: model card missing (every estimator needs its .json "
-                           "card next to the .safetensors weights)")
-    try:
-        card = json.loads(card_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadDataError(f"{card_path}: model card is not valid JSON ({exc})") from exc
-    missing = [k for k in _REQUIRED_CARD_KEYS if not isinstance(card, dict) or k not in card]
-    if missing or card.get("format") != CARD_FORMAT:
-        raise BadDataError(f"{card_path}: not a qmri-bids estimator card (missing "
-                           f"{', '.join(missing) or 'format'})")
-    return card
+    """The model card of an estimator (stem, .json or .safetensors); BadDataError if unusable."""
+    return artifacts.read_card(path, kind=CARD_KIND, required=_REQUIRED_CARD_KEYS)
 
 
 def load_estimator(path: str | Path, model: SignalModel | None = None
@@ -254,28 +171,17 @@ def load_estimator(path: str | Path, model: SignalModel | None = None
     None it is rebuilt from the card. Any problem → :class:`~qmri_bids.errors.BadDataError`
     naming the file.
     """
-    from safetensors.torch import load_file
-
-    stem = _stem(path)
-    card = read_card(stem)
-    weights = stem.with_suffix(".safetensors")
-    if not weights.is_file():
-        raise BadDataError(f"{weights}: estimator weights missing (card {stem.name}.json exists)")
-    digest = sha256_file(weights)
-    if digest != card["weights_sha256"]:
-        raise BadDataError(f"{weights}: sha256 {digest[:16]}… does not match its model card "
-                           f"({str(card['weights_sha256'])[:16]}…): the file is corrupt, "
-                           "truncated or was replaced; delete it to retrain")
+    state, card = artifacts.load_weights(path, kind=CARD_KIND, required=_REQUIRED_CARD_KEYS)
+    weights = artifacts.weights_path(path)
     try:
         config = config_from_dict(card["config"])
         if model is None:
-            model = model_from_protocol(card["model"], card["protocol"])
+            model = model_class(card["model"]).from_protocol(card["protocol"])
         net = CrbEstimator(config, model)
-        state = load_file(str(weights))
         net.load_state_dict(state)
     except BadDataError:
         raise
-    except Exception as exc:  # safetensors/torch raise several types
+    except Exception as exc:  # torch raises several types for weights of another shape
         raise BadDataError(f"{weights}: cannot load the estimator ({exc})") from exc
     if model.name != card["model"]:
         raise BadDataError(f"{weights}: trained for model {card['model']!r}, not {model.name!r}")
@@ -302,50 +208,92 @@ def _file_lock(path: Path, timeout_s: float = 3600.0) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def estimator_stem(model_name: str, protocol: Mapping[str, Any]) -> str:
-    return f"{model_name}-{protocol_hash(model_name, protocol)}"
+def _search_dirs(search_dirs: Sequence[Path]) -> list[Path]:
+    """The shipped models first, then the caller's folders."""
+    return [SHIPPED_DIR] + [Path(d) for d in search_dirs if Path(d) != SHIPPED_DIR]
+
+
+def _present(stem: Path) -> bool:
+    return stem.with_suffix(".json").is_file() or stem.with_suffix(".safetensors").is_file()
+
+
+def locate_estimator(model: SignalModel, *, model_dir: Path | None = None,
+                     search_dirs: Sequence[Path] = ()) -> NetworkPlan:
+    """The network of ``model``'s protocol, verified (sha256 against its card), without loading it.
+
+    Shipped and ``search_dirs`` models that fail the check are errors (BadDataError: a corrupt
+    shipped model is never silently replaced); a corrupt entry of the ``model_dir`` cache is
+    reported and planned for retraining. ``weights=None`` in the result: train on demand.
+    """
+    protocol = model.to_protocol()
+    digest = protocol_hash(model.name, protocol)
+    stem = f"{model.name}-{digest}"
+    for folder in _search_dirs(search_dirs):
+        if _present(folder / stem):
+            card = artifacts.verify_weights(folder / stem, kind=CARD_KIND,
+                                            required=_REQUIRED_CARD_KEYS)
+            return NetworkPlan(model.name, protocol, digest, folder / f"{stem}.safetensors",
+                               card["sha256"])
+    if model_dir is not None and _present(Path(model_dir) / stem):
+        cached = Path(model_dir) / stem
+        try:
+            card = artifacts.verify_weights(cached, kind=CARD_KIND, required=_REQUIRED_CARD_KEYS)
+            return NetworkPlan(model.name, protocol, digest, cached.with_suffix(".safetensors"),
+                               card["sha256"])
+        except BadDataError as exc:
+            log.warning("%s; it will be retrained", exc)
+    return NetworkPlan(model.name, protocol, digest)
+
+
+class FoundEstimator(NamedTuple):
+    net: CrbEstimator
+    card: dict[str, Any]
+    weights: Path
+    trained_now: bool
 
 
 def find_or_train(
-    model_name: str,
     model: SignalModel,
-    protocol_dict: Mapping[str, Any],
-    search_dirs: list[Path] | None,
-    cache_dir: Path | None,
+    *,
+    cache_dir: Path | None = None,
+    search_dirs: Sequence[Path] = (),
     train_kwargs: Mapping[str, Any] | None = None,
-) -> tuple[CrbEstimator, dict[str, Any], Path, bool]:
-    """The estimator of this protocol: shipped → ``search_dirs`` → cache → train (and cache).
+    force: bool = False,
+) -> FoundEstimator:
+    """The estimator of ``model``'s protocol: shipped → ``search_dirs`` → cache → train.
 
-    ``search_dirs`` None means ``[SHIPPED_DIR]``; the shipped dir is always searched first.
     ``train_kwargs`` go to :func:`~qmri_bids.qmri.training.train_estimator`, over
     :func:`recommended_train_kwargs` (plus ``validate=False`` to skip the post-training
-    validation written to the card; ``time_budget_s`` caps the training time).
-    Returns (net, card, weights path, trained_now). A corrupt *shipped/searched* model raises
-    BadDataError; a corrupt *cache* entry is retrained and replaced.
+    validation written to the card; ``time_budget_s`` caps the training time). ``force``:
+    train into the cache even when a model exists (e.g. to compare ``loss="mse"``), replacing a
+    cached one. A corrupt *shipped/searched* model raises BadDataError; a corrupt *cache* entry
+    is retrained and replaced. Training runs under a lock per protocol, and the cache is looked
+    at again once the lock is held, so parallel callers train a protocol once.
     """
-    stem = estimator_stem(model_name, protocol_dict)
-    dirs = [SHIPPED_DIR] + [Path(d) for d in (search_dirs or []) if Path(d) != SHIPPED_DIR]
-    for d in dirs:
-        if (d / f"{stem}.json").is_file() or (d / f"{stem}.safetensors").is_file():
-            net, card = load_estimator(d / stem, model)
-            log.info("%s: using estimator %s", model_name, d / f"{stem}.safetensors")
-            return net, card, d / f"{stem}.safetensors", False
+    protocol = model.to_protocol()
+    stem = estimator_stem(model.name, protocol)
+    if not force:
+        for folder in _search_dirs(search_dirs):
+            if _present(folder / stem):
+                net, card = load_estimator(folder / stem, model)
+                log.info("%s: using estimator %s", model.name, folder / f"{stem}.safetensors")
+                return FoundEstimator(net, card, folder / f"{stem}.safetensors", False)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / stem
     with _file_lock(cache_dir / f"{stem}.lock"):
-        if target.with_suffix(".json").is_file():
+        if not force and _present(target):
             try:
                 net, card = load_estimator(target, model)
-                log.info("%s: using cached estimator %s", model_name,
+                log.info("%s: using cached estimator %s", model.name,
                          target.with_suffix(".safetensors"))
-                return net, card, target.with_suffix(".safetensors"), False
+                return FoundEstimator(net, card, target.with_suffix(".safetensors"), False)
             except BadDataError as exc:
                 log.warning("%s; retraining", exc)
         kw = {**recommended_train_kwargs(model), **dict(train_kwargs or {})}
-        net, card = train_and_card(model, dict(protocol_dict), **kw)
+        net, card = train_and_card(model, protocol, **kw)
         weights, _ = export_estimator(net, target, card)
-        log.info("%s: trained and cached %s", model_name, weights)
-        return net, json.loads(target.with_suffix(".json").read_text()), weights, True
+        log.info("%s: trained and cached %s", model.name, weights)
+        return FoundEstimator(net, read_card(target), weights, True)
 
 
 def recommended_train_kwargs(model: SignalModel) -> dict[str, Any]:
@@ -360,14 +308,36 @@ def recommended_train_kwargs(model: SignalModel) -> dict[str, Any]:
 
 
 def train_and_card(model: SignalModel, protocol: Mapping[str, Any] | None = None,
-                   validate: bool = True, validate_n_rep: int = 100, **train_kwargs: Any
-                   ) -> tuple[CrbEstimator, dict[str, Any]]:
-    """Train an estimator and build its model card (not yet written)."""
-    from qmri_bids.qmri.training import efficiency_summary, train_estimator
-    from qmri_bids.qmri.training import validate as run_validation
+                   validate: bool = True, validate_n_rep: int = 100, extend_on_failure: bool = True,
+                   **train_kwargs: Any) -> tuple[CrbEstimator, dict[str, Any]]:
+    """Train an estimator and build its model card (not yet written).
 
-    protocol = dict(protocol) if protocol is not None else protocol_dict(model)
+    The network is validated (efficiency and bias in CRB-SD units at SNR 20/50/100, the numbers
+    go into the card) and gated at :data:`qmri_bids.qmri.gate.REFERENCE_SNR`: a network that
+    fails is trained once more with three times the steps (``extend_on_failure``); the card
+    records both attempts and whether the final one passed.
+    """
+    from qmri_bids.qmri import gate
+    from qmri_bids.qmri.training import train_estimator
+
+    protocol = dict(protocol) if protocol is not None else model.to_protocol()
     net, report = train_estimator(model, **train_kwargs)
+    attempts: list[dict[str, Any]] = []
+    val = None
+    if validate:
+        val = _validation_summary(net, model, validate_n_rep, report.snr_reference)
+        attempts.append({"steps": report.steps_done, "gate": val["gate"]})
+        if extend_on_failure and not val["gate"]["Passed"]:
+            steps = 3 * int(train_kwargs.get("n_steps", report.n_steps))
+            log.warning("%s: the trained network failed its validation at SNR %g (%s); training "
+                        "again with %d steps", model.name, gate.REFERENCE_SNR,
+                        "; ".join(val["gate"]["Reasons"]), steps)
+            budget = train_kwargs.get("time_budget_s")
+            kw = {**train_kwargs, "n_steps": steps,
+                  **({"time_budget_s": 3 * budget} if budget else {})}
+            net, report = train_estimator(model, **kw)
+            val = _validation_summary(net, model, validate_n_rep, report.snr_reference)
+            attempts.append({"steps": report.steps_done, "gate": val["gate"]})
     card: dict[str, Any] = {
         "protocol": _canonical(protocol),
         "protocol_hash": protocol_hash(model.name, protocol),
@@ -383,11 +353,25 @@ def train_and_card(model: SignalModel, protocol: Mapping[str, Any] | None = None
         "reference": "Zhang et al., Cramér-Rao bound-informed training of neural networks for "
                      "quantitative MRI, MRM 2022;88:436-448",
     }
-    if validate:
-        val = run_validation(net, model, n_rep=validate_n_rep,
-                             snr_reference=report.snr_reference)
-        card["validation"] = {"efficiency_median": efficiency_summary(val),
-                              "crb_loss": {s: round(d["crb_loss"], 4)
-                                           for s, d in val["snr"].items()},
-                              "grid_points": val["grid_points"], "n_rep": val["n_rep"]}
+    if val is not None:
+        card["validation"] = {**val, "attempts": attempts}
     return net, card
+
+
+def _validation_summary(net: CrbEstimator, model: SignalModel, n_rep: int,
+                        snr_reference: str) -> dict[str, Any]:
+    """Card fields of a validation at SNR 20/50/100 and the gate at the reference SNR."""
+    from qmri_bids.qmri import gate
+    from qmri_bids.qmri.training import efficiency_summary
+    from qmri_bids.qmri.training import validate as run_validation
+
+    val = run_validation(net, model, n_rep=n_rep, snr_reference=snr_reference,
+                         snrs=(20.0, gate.REFERENCE_SNR, 100.0))
+    verdict = gate.gate_from_validation(val, f"{gate.REFERENCE_SNR:g}")
+    return {"efficiency_median": efficiency_summary(val),
+            "bias_over_sd_crb_median": {
+                s: {p: round(v["bias_over_sd_crb_median"], 4) for p, v in d["parameters"].items()}
+                for s, d in val["snr"].items()},
+            "crb_loss": {s: round(d["crb_loss"], 4) for s, d in val["snr"].items()},
+            "grid_points": val["grid_points"], "n_rep": val["n_rep"],
+            "gate": verdict.to_json()}

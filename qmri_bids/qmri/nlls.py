@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from qmri_bids.qmri.base import SignalModel
@@ -196,71 +195,3 @@ def fit_nlls(
         converged=conv.reshape(batch),
         n_iterations=iters.reshape(batch),
     )
-
-
-@dataclass
-class CollectionFit:
-    """Maps of one collection (``maps[name] -> array [X, Y, Z]``, NaN outside the mask)."""
-
-    maps: dict[str, np.ndarray]
-    affine: np.ndarray
-    protocol: object
-    excluded: list
-    mask: np.ndarray
-    fit: NllsFit | None = None
-
-
-def fit_collection(
-    collection: object,
-    mask: np.ndarray | None = None,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-) -> CollectionFit:
-    """Load, validate and map one collection (VFA, IRT1, MESE, MEGRE, MTS, MTR, MP2RAGE).
-
-    The B1 map of ``collection.b1map`` is used where the model depends on B1. ``mask`` defaults
-    to :func:`~qmri_bids.qmri.protocols.object_mask` of the data.
-    """
-
-
-    from qmri_bids.qmri import protocols as pr
-
-    data_np, protocol, affine, excluded = pr.load_collection_data(collection)
-    spatial = data_np.shape[:-1]
-    mask = pr.object_mask(data_np) if mask is None else np.asarray(mask, bool).reshape(spatial)
-    b1_np = None
-    if getattr(collection, "b1map", None) is not None:
-        b1_np = pr.load_b1map(collection.b1map, spatial)
-    data = torch.as_tensor(data_np, dtype=dtype, device=device)
-    b1 = None if b1_np is None else torch.as_tensor(b1_np, dtype=dtype, device=device)
-    m = torch.as_tensor(mask, device=device)
-
-    def out(t: torch.Tensor) -> np.ndarray:
-        return np.where(mask, t.detach().cpu().double().numpy(), np.nan)
-
-    maps: dict[str, torch.Tensor] = {}
-    fit = None
-    if isinstance(protocol, pr.MTRProtocol):
-        on, off = data[..., int(np.argmax(protocol.mt_on))], data[..., int(np.argmin(protocol.mt_on))]
-        maps["MTR"] = 100 * (off - on) / off  # percent units
-    elif isinstance(protocol, pr.MTSProtocol):
-        closed = protocol.model().maps(data, b1)
-        maps.update(MTsat=closed["MTsat"], A=closed["A"], T1=closed["T1"])
-        # Exact (no small-angle approximation) SPGR T1 from the two mt-off members.
-        pair = protocol.t1_pair()
-        off = torch.as_tensor(~protocol.mt_on, device=data.device)
-        fit = fit_nlls(pair.model(), data[..., off], b1=b1, mask=m)
-        maps["T1_spgr"] = fit.params[..., 1]
-    elif isinstance(protocol, pr.MP2RAGEProtocol):
-        model = protocol.model()
-        uni = model.uni_from_signals(data)
-        maps.update(UNI=uni, T1=model.t1_from_uni(uni, b1))
-    else:
-        model = protocol.model()
-        fit = fit_nlls(model, data, b1=b1, mask=m)
-        for i, name in enumerate(model.parameter_names):
-            maps[name] = fit.params[..., i]
-        if "R2star" in maps:
-            maps["T2star"] = 1.0 / maps["R2star"]
-    return CollectionFit({k: out(v) for k, v in maps.items()}, affine, protocol, excluded, mask,
-                         fit)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from qmri_bids.errors import BadDataError
+from qmri_bids.progress import progress
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.crb import _real_view, crb
 from qmri_bids.qmri.estimator import (
@@ -69,7 +70,8 @@ def estimate_maps(
     ``data``: magnitude images (real) or, for MRF, complex images, numpy or torch, any leading
     shape; the last axis must follow the protocol order the network was trained for. ``b1``:
     relative B1+ ``[...]`` for networks with a B1 input (ignored otherwise; 1 when None).
-    Voxels outside ``mask`` or with non-finite data/B1 are NaN. MEGRE adds ``T2star = 1/R2star``.
+    Voxels outside ``mask`` or with non-finite data/B1 are NaN. Quantities derived from the
+    parameters (MEGRE's T2*) are the model's ``derived_maps``.
     """
     y = _as_tensor(data)
     if y.ndim < 1 or y.shape[-1] != net.config.n_inputs:
@@ -91,21 +93,18 @@ def estimate_maps(
     idx_all = torch.nonzero(sel).flatten()
     net = net.to(device).eval()
     in_dtype = torch.complex64 if y.is_complex() else torch.float32
-    for s in range(0, idx_all.numel(), chunk):
+    for s in progress(range(0, idx_all.numel(), chunk), desc=f"network ({net.config.model_name})",
+                      unit="chunks"):
         idx = idx_all[s: s + chunk]
         yc = flat[idx].to(device)
         bc = None if kb_flat is None else kb_flat[idx].to(device)
         with torch.no_grad():
             if net.has_m0_table:  # M0 from the tabulated SVD coefficients (no simulation)
-                out[idx] = net.estimate(yc.to(in_dtype)).cpu()
+                out[idx] = net.estimate(yc.to(in_dtype), None if bc is None else bc.float()).cpu()
             else:
                 yy = flat[idx].to(torch.complex128 if yc.is_complex() else torch.float64)
                 out[idx] = _estimate_cpu64(net, yc, in_dtype, bc, yy)
-    maps = {n: out[:, i].reshape(batch).numpy() for i, n in enumerate(names)}
-    if "R2star" in maps:
-        with np.errstate(divide="ignore"):
-            maps["T2star"] = 1.0 / maps["R2star"]
-    return maps
+    return {n: out[:, i].reshape(batch).numpy() for i, n in enumerate(names)}
 
 
 def _estimate_cpu64(net: CrbEstimator, yc: torch.Tensor, in_dtype: torch.dtype,
@@ -184,7 +183,8 @@ def crb_sd_maps(
     flat = p.reshape(-1, p.shape[-1])
     out = torch.full_like(flat, float("nan"))
     idx_all = torch.nonzero(sel).flatten()
-    for s in range(0, idx_all.numel(), chunk):
+    for s in progress(range(0, idx_all.numel(), chunk), desc=f"CRB SD ({model.name})",
+                      unit="chunks"):
         idx = idx_all[s: s + chunk]
         with torch.no_grad():
             var = crb(model, flat[idx], sig[idx], None if kb is None else kb[idx], mode="auto")

@@ -1,10 +1,12 @@
-"""Acquisition protocols of qMRI collections, built from BIDS sidecars, and data loading.
+"""Collections → validated signal models, and their data: the qMRI side's input layer.
 
-A *collection* (from discovery) is duck-typed: ``collection.suffix`` ("VFA", "IRT1", "MESE",
-"MEGRE", "MTS", "MTR", "MP2RAGE"), ``collection.members`` (each with ``path``, ``entities`` and
-``metadata``) and ``collection.b1map`` (Path or None). :func:`protocol_from_collection` validates
-the metadata (clear :class:`~qmri_bids.errors.BadDataError` naming file and field) and returns one
-protocol dataclass whose ``model()`` gives the matching :class:`~qmri_bids.qmri.base.SignalModel`.
+A *collection* (from discovery) is duck-typed: ``collection.suffix`` ("VFA", "IRT1", ...),
+``collection.members`` (each with ``path``, ``entities`` and ``metadata``) and
+``collection.b1map`` (Path or None). :func:`resolve_collection` drops inconsistent members,
+orders the rest the way the collection's model wants them and builds the model from their
+sidecars (the model class's ``from_sidecars``; the registry in :mod:`qmri_bids.qmri.models` says
+which class maps which suffix). Problems are :class:`~qmri_bids.errors.BadDataError` naming file
+and field.
 
 Real-data quirks handled here (each logged on the ``qmri_bids.qmri`` logger):
 
@@ -12,15 +14,18 @@ Real-data quirks handled here (each logged on the ``qmri_bids.qmri`` logger):
   ``PhilipsRescaleSlope × PhilipsScaleSlope`` of each member (:func:`philips_scale_factors`).
 * Members acquired with different fixed parameters (e.g. another EchoTime/bandwidth for one TI)
   are not on the same signal curve and are excluded (:func:`select_consistent_members`).
+
+The foreground of the qMRI side is :func:`foreground_mask`, the one mask policy of mapping,
+noise estimation and the reference fits.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,23 +33,11 @@ import nibabel as nib
 import numpy as np
 
 from qmri_bids.errors import BadDataError
-from qmri_bids.qmri.models import (
-    IRT1Model,
-    IRT1TRModel,
-    MEGREModel,
-    MESEMonoModel,
-    MP2RAGEModel,
-    MTSModel,
-    VFAModel,
-)
+from qmri_bids.qmri.base import SignalModel
+from qmri_bids.qmri.models import collection_model
+from qmri_bids.qmri.sidecar import Member, get_number, member_name
 
 LOG = logging.getLogger("qmri_bids.qmri")
-
-
-class Member(Protocol):
-    path: Path
-    entities: dict[str, str]
-    metadata: dict[str, Any]
 
 
 class Collection(Protocol):
@@ -53,314 +46,29 @@ class Collection(Protocol):
     b1map: Path | None
 
 
-# ----------------------------------------------------------------------------- field validation
+# ----------------------------------------------------------------------------- consistency
 
-# (lower exclusive, upper inclusive, hint) in BIDS units; the hint explains the usual mistake.
-_RANGES: dict[str, tuple[float, float, str]] = {
-    "EchoTime": (0.0, 1.0, "BIDS times are in seconds (35 ms is 0.035)"),
-    "InversionTime": (0.0, 30.0, "BIDS times are in seconds (900 ms is 0.9)"),
-    "RepetitionTime": (0.0, 100.0, "BIDS times are in seconds"),
-    "RepetitionTimeExcitation": (0.0, 1.0, "BIDS times are in seconds (15 ms is 0.015)"),
-    "RepetitionTimePreparation": (0.0, 100.0, "BIDS times are in seconds"),
-    "FlipAngle": (0.0, 180.0, "flip angles are in degrees, in (0, 180]"),
-    "RefocusingFlipAngle": (0.0, 360.0, "flip angles are in degrees"),
-    "NumberShots": (0.0, 1e5, "number of excitations per readout"),
-    "EchoTrainLength": (0.0, 1e5, "number of echoes/excitations"),
-    "PartialFourier": (0.5, 1.0, "fraction of k-space sampled"),
-}
-
-
-def _name(member: Member) -> str:
-    return Path(member.path).name
-
-
-def get_number(member: Member, key: str, required: bool = True) -> float | None:
-    """A numeric sidecar field, range-checked; BadDataError naming file and field otherwise."""
-    md = member.metadata or {}
-    if key not in md or md[key] is None:
-        if required:
-            raise BadDataError(f"{_name(member)}: required field '{key}' is missing from its JSON "
-                               "sidecar")
-        return None
-    value = md[key]
-    if isinstance(value, list) and len(value) == 1:
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadDataError(f"{_name(member)}: field '{key}' must be a number, got "
-                           f"{type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise BadDataError(f"{_name(member)}: field '{key}' is not finite ({value})")
-    if key in _RANGES:
-        lo, hi, hint = _RANGES[key]
-        if not lo < value <= hi:
-            raise BadDataError(f"{_name(member)}: {key} = {value:g} is outside ({lo:g}, {hi:g}]; "
-                               f"{hint}")
-    return value
-
-
-def _numbers(members: list[Member], key: str) -> np.ndarray:
-    return np.array([get_number(m, key) for m in members], dtype=np.float64)
-
-
-def _repetition_time(member: Member, prefer_excitation: bool, required: bool) -> float | None:
-    keys = ("RepetitionTimeExcitation", "RepetitionTime")
-    for k in keys if prefer_excitation else keys[::-1]:
-        v = get_number(member, k, required=False)
-        if v is not None:
-            return v
-    if required:
-        raise BadDataError(f"{_name(member)}: required field 'RepetitionTimeExcitation' (or "
-                           "'RepetitionTime') is missing from its JSON sidecar")
-    return None
-
-
-def _require_variation(members: list[Member], key: str, values: np.ndarray) -> None:
-    """The fit needs distinct values of the varying parameter: no duplicates, not all equal."""
-    uniq, counts = np.unique(np.round(values, 9), return_counts=True)
-    if len(uniq) < 2:
-        raise BadDataError(f"{key} is {values[0]:g} for all members "
-                           f"({', '.join(_name(m) for m in members)}); the fit needs it to vary")
-    for u in uniq[counts > 1]:
-        dups = [_name(m) for m, v in zip(members, values, strict=True) if round(v, 9) == u]
-        raise BadDataError(f"{key} = {u:g} appears in several members ({', '.join(dups)}); "
-                           "each member must have its own value")
-
-
-def _require_members(members: list[Member], n: int, suffix: str) -> None:
-    if len(members) < n:
-        names = ", ".join(_name(m) for m in members) or "none"
-        raise BadDataError(f"{suffix} collection needs at least {n} members, got {len(members)} "
-                           f"({names})")
-
-
-# ----------------------------------------------------------------------------- protocols
-
-
-@dataclass(frozen=True)
-class _Base:
-    files: tuple[str, ...]
-    excluded: tuple[tuple[str, str], ...] = field(default=(), kw_only=True)
-
-
-@dataclass(frozen=True)
-class VFAProtocol(_Base):
-    flip_angle_deg: np.ndarray
-    repetition_time: np.ndarray  # s, per member (may differ)
-
-    def model(self) -> VFAModel:
-        return VFAModel(self.flip_angle_deg, self.repetition_time)
-
-
-@dataclass(frozen=True)
-class IRT1Protocol(_Base):
-    inversion_time: np.ndarray
-    repetition_time: float | None = None
-
-    def model(self, tr_aware: bool | None = None) -> IRT1Model | IRT1TRModel:
-        """The TR-aware 2-parameter model when RepetitionTime is known (``tr_aware=None``), else
-        Barral's 3-parameter one. Why: with TR known, the 2-parameter model is much better
-        conditioned for short T1s (ds-real phantom: 9/9 measurable spheres within 6 % of the
-        reference vs 20 % error for the 121 ms sphere with Barral's); Barral's model stays the
-        choice without TR or when the inversion is known to be imperfect (``tr_aware=False``)."""
-        if tr_aware is None:
-            tr_aware = self.repetition_time is not None
-        if tr_aware:
-            if self.repetition_time is None:
-                raise BadDataError(f"{self.files[0]}: the TR-aware IR model needs RepetitionTime")
-            return IRT1TRModel(self.inversion_time, self.repetition_time)
-        return IRT1Model(self.inversion_time)
-
-
-@dataclass(frozen=True)
-class MESEProtocol(_Base):
-    echo_time: np.ndarray
-    refocusing_angle_deg: float | None = None
-    repetition_time: float | None = None
-
-    def model(self) -> MESEMonoModel:
-        return MESEMonoModel(self.echo_time)
-
-
-@dataclass(frozen=True)
-class MEGREProtocol(_Base):
-    echo_time: np.ndarray
-
-    def model(self) -> MEGREModel:
-        return MEGREModel(self.echo_time)
-
-
-@dataclass(frozen=True)
-class MTSProtocol(_Base):
-    flip_angle_deg: np.ndarray
-    repetition_time: np.ndarray
-    mt_on: np.ndarray  # bool per member
-
-    def model(self) -> MTSModel:
-        return MTSModel(self.flip_angle_deg, self.repetition_time, self.mt_on)
-
-    def t1_pair(self) -> VFAProtocol:
-        """The two mt-off members as a two-point VFA protocol (exact SPGR T1, TRs may differ)."""
-        off = ~self.mt_on
-        return VFAProtocol(tuple(np.array(self.files)[off]), self.flip_angle_deg[off],
-                           self.repetition_time[off])
-
-
-@dataclass(frozen=True)
-class MTRProtocol(_Base):
-    mt_on: np.ndarray
-
-
-@dataclass(frozen=True)
-class MP2RAGEProtocol(_Base):
-    inversion_time: np.ndarray
-    flip_angle_deg: np.ndarray
-    tr_excitation: float
-    tr_preparation: float
-    n_before: int
-    n_after: int
-    inversion_efficiency: float = 0.96
-
-    def model(self) -> MP2RAGEModel:
-        return MP2RAGEModel(self.inversion_time, self.flip_angle_deg, self.tr_excitation,
-                            self.tr_preparation, self.n_before, self.n_after,
-                            self.inversion_efficiency)
-
-
-QmriProtocol = (VFAProtocol | IRT1Protocol | MESEProtocol | MEGREProtocol | MTSProtocol
-                | MTRProtocol | MP2RAGEProtocol)
-
-
-def _mt_on(member: Member) -> bool:
-    v = (member.metadata or {}).get("MTState")
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, str) and v.lower() in ("true", "false", "on", "off"):
-        return v.lower() in ("true", "on")
-    ent = (member.entities or {}).get("mt")
-    if ent in ("on", "off"):
-        return ent == "on"
-    raise BadDataError(f"{_name(member)}: cannot tell whether MT is on: no boolean 'MTState' in "
-                       "the sidecar and no mt-on/mt-off entity")
-
-
-def _vfa(members: list[Member], excluded: tuple) -> VFAProtocol:
-    _require_members(members, 2, "VFA")
-    fa = _numbers(members, "FlipAngle")
-    tr = np.array([_repetition_time(m, True, True) for m in members])
-    _require_variation(members, "FlipAngle", fa)
-    return VFAProtocol(tuple(_name(m) for m in members), fa, tr, excluded=excluded)
-
-
-def _irt1(members: list[Member], excluded: tuple) -> IRT1Protocol:
-    _require_members(members, 3, "IRT1")  # three parameters (a, b, T1)
-    ti = _numbers(members, "InversionTime")
-    _require_variation(members, "InversionTime", ti)
-    trs = [_repetition_time(m, False, False) for m in members]
-    tr = trs[0] if trs and all(t is not None and t == trs[0] for t in trs) else None
-    return IRT1Protocol(tuple(_name(m) for m in members), ti, tr, excluded=excluded)
-
-
-def _mese(members: list[Member], excluded: tuple) -> MESEProtocol:
-    _require_members(members, 2, "MESE")
-    te = _numbers(members, "EchoTime")
-    _require_variation(members, "EchoTime", te)
-    refoc = get_number(members[0], "RefocusingFlipAngle", required=False)
-    tr = _repetition_time(members[0], False, False)
-    return MESEProtocol(tuple(_name(m) for m in members), te, refoc, tr, excluded=excluded)
-
-
-def _megre(members: list[Member], excluded: tuple) -> MEGREProtocol:
-    _require_members(members, 2, "MEGRE")
-    te = _numbers(members, "EchoTime")
-    _require_variation(members, "EchoTime", te)
-    return MEGREProtocol(tuple(_name(m) for m in members), te, excluded=excluded)
-
-
-def _mts(members: list[Member], excluded: tuple) -> MTSProtocol:
-    _require_members(members, 3, "MTS")
-    fa = _numbers(members, "FlipAngle")
-    tr = np.array([_repetition_time(m, True, True) for m in members])
-    on = np.array([_mt_on(m) for m in members])
-    names = tuple(_name(m) for m in members)
-    if on.sum() != 1 or (~on).sum() != 2:
-        raise BadDataError(f"MTS collection needs one mt-on and two mt-off members, got "
-                           f"{int(on.sum())} on / {int((~on).sum())} off ({', '.join(names)})")
-    _require_variation([m for m, o in zip(members, on, strict=True) if not o], "FlipAngle",
-                       fa[~on])
-    return MTSProtocol(names, fa, tr, on, excluded=excluded)
-
-
-def _mtr(members: list[Member], excluded: tuple) -> MTRProtocol:
-    _require_members(members, 2, "MTR")
-    on = np.array([_mt_on(m) for m in members])
-    if on.sum() != 1 or len(members) != 2:
-        raise BadDataError("MTR collection needs exactly one mt-on and one mt-off member")
-    return MTRProtocol(tuple(_name(m) for m in members), on, excluded=excluded)
-
-
-def _mp2rage(members: list[Member], excluded: tuple) -> MP2RAGEProtocol:
-    _require_members(members, 2, "MP2RAGE")
-    if len(members) != 2:
-        raise BadDataError(f"MP2RAGE collection needs exactly 2 inversions, got {len(members)}")
-    ti = _numbers(members, "InversionTime")
-    _require_variation(members, "InversionTime", ti)
-    fa = _numbers(members, "FlipAngle")
-    m0 = members[0]
-    tr_exc = _repetition_time(m0, True, True)
-    tr_prep = get_number(m0, "RepetitionTimePreparation")
-    shots = get_number(m0, "NumberShots", required=False)
-    if shots is None:
-        shots = get_number(m0, "EchoTrainLength", required=False)
-    if shots is None:
-        raise BadDataError(f"{_name(m0)}: required field 'NumberShots' (or 'EchoTrainLength') is "
-                           "missing from its JSON sidecar")
-    pf = get_number(m0, "PartialFourier", required=False) or 1.0
-    # Linear ordering: the k-space centre comes after (PF − ½)/PF of the acquired shots.
-    n_before = round(shots * (pf - 0.5) / pf)
-    order = np.argsort(ti)
-    proto = MP2RAGEProtocol(tuple(np.array([_name(m) for m in members])[order]), ti[order],
-                            fa[order], tr_exc, tr_prep, n_before, int(shots) - n_before,
-                            excluded=excluded)
-    try:
-        proto.model()
-    except ValueError as exc:
-        raise BadDataError(f"{_name(m0)}: inconsistent MP2RAGE timing: {exc}") from exc
-    return proto
-
-
-_BUILDERS = {"VFA": _vfa, "IRT1": _irt1, "MESE": _mese, "MEGRE": _megre, "MTS": _mts,
-             "MTR": _mtr, "MP2RAGE": _mp2rage}
-
-# Parameters that vary by design in each collection; every other acquisition field must agree.
-VARYING_FIELDS: dict[str, set[str]] = {
-    "VFA": {"FlipAngle", "RepetitionTime", "RepetitionTimeExcitation"},
-    "IRT1": {"InversionTime"},
-    "MESE": {"EchoTime"},
-    "MEGRE": {"EchoTime"},
-    "MTS": {"FlipAngle", "RepetitionTime", "RepetitionTimeExcitation", "MTState"},
-    "MTR": {"MTState"},
-    "MP2RAGE": {"InversionTime", "FlipAngle"},
-}
 CONSISTENCY_FIELDS = ("EchoTime", "PixelBandwidth", "RepetitionTime", "RepetitionTimeExcitation",
                       "InversionTime", "FlipAngle", "SliceThickness", "EchoTrainLength",
                       "MagneticFieldStrength", "RefocusingFlipAngle")
-# Collections whose members play fixed roles: a mismatch is reported, not dropped.
-_FIXED_ROLES = {"MTS", "MTR", "MP2RAGE"}
 
 
 def select_consistent_members(collection: Collection) -> tuple[list[Member], list[tuple[Path, str]]]:
     """Drop members whose fixed acquisition parameters differ from the majority.
 
     Returns (kept members, [(path, reason), ...]). Only a strict majority decides; a field
-    absent from a member is not held against it.
+    absent from a member is not held against it. Which fields vary by design, and whether a
+    disagreeing member is dropped or only reported (members with fixed roles), is the
+    collection's model's knowledge (``varying_fields``, ``fixed_roles``).
     """
+    model_cls = collection_model(collection.suffix)
     suffix = collection.suffix
     members = list(collection.members)
-    varying = VARYING_FIELDS.get(suffix, set())
+    if not model_cls.compare_members:
+        return members, []
     bad: dict[int, list[str]] = {}
     for key in CONSISTENCY_FIELDS:
-        if key in varying:
+        if key in model_cls.varying_fields:
             continue
         vals = {i: (m.metadata or {})[key] for i, m in enumerate(members)
                 if isinstance((m.metadata or {}).get(key), (int, float))
@@ -375,35 +83,116 @@ def select_consistent_members(collection: Collection) -> tuple[list[Member], lis
         if count * 2 <= len(vals):
             LOG.warning("%s collection: members disagree on %s (%s) and no majority decides; "
                         "keeping all", suffix, key,
-                        ", ".join(f"{_name(members[i])}={vals[i]:g}" for i in vals))
+                        ", ".join(f"{member_name(members[i])}={vals[i]:g}" for i in vals))
             continue
         for i in odd:
             bad.setdefault(i, []).append(f"{key} = {vals[i]:g} (others {common:g})")
     excluded = []
     for i, reasons in sorted(bad.items()):
         reason = "fixed acquisition parameters differ from the other members: " + "; ".join(reasons)
-        if suffix in _FIXED_ROLES:
-            LOG.warning("%s: %s; kept because the %s members play fixed roles", _name(members[i]),
-                        reason, suffix)
+        if model_cls.fixed_roles:
+            LOG.warning("%s: %s; kept because the %s members play fixed roles",
+                        member_name(members[i]), reason, suffix)
             continue
-        LOG.warning("excluding %s from the %s fit: %s", _name(members[i]), suffix, reason)
+        LOG.warning("excluding %s from the %s fit: %s", member_name(members[i]), suffix, reason)
         excluded.append((Path(members[i].path), reason))
     drop = {p for p, _ in excluded}
     return [m for m in members if Path(m.path) not in drop], excluded
 
 
-def protocol_from_collection(collection: Collection) -> QmriProtocol:
-    """Validated protocol of a collection (inconsistent members already excluded, see
-    ``protocol.excluded``)."""
-    suffix = collection.suffix
-    if suffix not in _BUILDERS:
-        raise BadDataError(f"no qMRI protocol for suffix '{suffix}' (known: "
-                           f"{', '.join(sorted(_BUILDERS))})")
+# ----------------------------------------------------------------------------- resolution
+
+
+@dataclass
+class ResolvedCollection:
+    """A collection's model and the members it describes, in the model's member order."""
+
+    model: SignalModel
+    members: list[Member]
+    excluded: list[tuple[Path, str]]  # (path, reason) of members left out of the fit
+
+
+def resolve_collection(collection: Collection) -> ResolvedCollection:
+    """The validated model of a collection, from its sidecars only (no image is read).
+
+    Members are sorted by the model's ``order_field`` (flip angle, TI, TE) so that the same
+    protocol listed in another member order is the same protocol: same hash, same network.
+    """
+    model_cls = collection_model(collection.suffix)
     kept, excluded = select_consistent_members(collection)
-    return _BUILDERS[suffix](kept, tuple((p.name, r) for p, r in excluded))
+    if model_cls.order_field is not None:
+        keys = [get_number(m, model_cls.order_field) for m in kept]
+        kept = [kept[i] for i in np.argsort(keys, kind="stable")]
+    return ResolvedCollection(model_cls.from_sidecars(kept), kept, excluded)
 
 
 # ----------------------------------------------------------------------------- data loading
+
+
+def stack_member_images(members: Sequence[Member]) -> tuple[np.ndarray, np.ndarray]:
+    """(data float64 ``[X, Y, Z, N]``, affine) of 3-D member images, in the given order.
+
+    Philips display scaling is undone; all members must share one image shape; non-finite
+    voxels are set to 0 (with a warning).
+    """
+    factors = philips_scale_factors(list(members))
+    volumes, affine, shape0 = [], None, None
+    for i, m in enumerate(members):
+        try:
+            img = nib.load(str(m.path))
+            vol = np.asarray(img.get_fdata(dtype=np.float64))
+        except Exception as exc:
+            raise BadDataError(f"{member_name(m)}: cannot read the image ({exc})") from exc
+        if vol.ndim > 3:
+            if any(s != 1 for s in vol.shape[3:]):
+                raise BadDataError(f"{member_name(m)}: expected one 3-D volume per member, got "
+                                   f"shape {vol.shape}")
+            vol = vol.reshape(vol.shape[:3])
+        while vol.ndim < 3:
+            vol = vol[..., None]
+        if shape0 is None:
+            shape0, affine = vol.shape, img.affine
+        elif vol.shape != shape0:
+            raise BadDataError(f"{member_name(m)}: image shape {vol.shape} differs from "
+                               f"{member_name(members[0])} {shape0}")
+        elif not np.allclose(img.affine, affine, atol=1e-3):
+            LOG.warning("%s: affine differs from %s; using the first member's", member_name(m),
+                        member_name(members[0]))
+        nonfinite = ~np.isfinite(vol)
+        if nonfinite.any():
+            LOG.warning("%s: %d non-finite voxels set to 0", member_name(m), int(nonfinite.sum()))
+            vol = np.where(nonfinite, 0.0, vol)
+        if factors is not None:
+            vol = vol * factors[i]
+        volumes.append(vol)
+    return np.stack(volumes, axis=-1), np.asarray(affine)
+
+
+@dataclass
+class LoadedCollection(ResolvedCollection):
+    """A resolved collection with its data ``[X, Y, Z, N]`` (members in the model's order)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+
+
+def load_collection_data(collection: Collection) -> LoadedCollection:
+    """Resolve a collection and read its images (see :func:`resolve_collection`)."""
+    resolved = resolve_collection(collection)
+    data, affine = type(resolved.model).read_images(resolved.members)
+    return LoadedCollection(resolved.model, resolved.members, resolved.excluded, data, affine)
+
+
+def foreground_mask(data: np.ndarray, fraction: float = 0.1) -> np.ndarray:
+    """Voxels inside the object: mean magnitude over members above ``fraction`` × its 99th
+    percentile (crude but robust for fitting, noise estimation and summary statistics).
+    BadDataError when no voxel qualifies (an empty or constant collection)."""
+    mean = np.abs(data).mean(-1)
+    thr = fraction * np.percentile(mean[mean > 0], 99) if (mean > 0).any() else np.inf
+    mask = mean > thr
+    if not mask.any():
+        raise BadDataError("no voxel of the collection is above the background level")
+    return mask
 
 
 def philips_scale_factors(members: list[Member]) -> np.ndarray | None:
@@ -414,7 +203,7 @@ def philips_scale_factors(members: list[Member]) -> np.ndarray | None:
     if not any(has):
         return None
     if not all(has):
-        missing = [_name(m) for m, h in zip(members, has, strict=True) if not h]
+        missing = [member_name(m) for m, h in zip(members, has, strict=True) if not h]
         raise BadDataError("Philips scaling fields (PhilipsRescaleSlope, PhilipsScaleSlope) are "
                            f"missing from {', '.join(missing)} but present in other members: the "
                            "images cannot be put on a common scale")
@@ -422,7 +211,7 @@ def philips_scale_factors(members: list[Member]) -> np.ndarray | None:
     for m in members:
         rs, ss = get_number(m, "PhilipsRescaleSlope"), get_number(m, "PhilipsScaleSlope")
         if rs <= 0 or ss <= 0:
-            raise BadDataError(f"{_name(m)}: non-positive Philips scaling slope ({rs}, {ss})")
+            raise BadDataError(f"{member_name(m)}: non-positive Philips scaling slope ({rs}, {ss})")
         factors.append(1.0 / (rs * ss))
     factors = np.array(factors)
     LOG.info("Philips scaling: dividing each member by PhilipsRescaleSlope×PhilipsScaleSlope "
@@ -436,6 +225,17 @@ def _squeeze_trailing(shape: tuple[int, ...]) -> tuple[int, ...]:
     while len(shape) > 2 and shape[-1] == 1:
         shape = shape[:-1]
     return shape
+
+
+def _relative_b1(b1: np.ndarray, name: str) -> np.ndarray:
+    """A B1+ map as a relative factor: a percent map (median of its valid values > 10) is
+    divided by 100."""
+    valid = b1[np.isfinite(b1) & (b1 > 0)]
+    if valid.size and np.median(valid) > 10:
+        LOG.info("%s: B1 map looks like percent (median %.1f); dividing by 100", name,
+                 np.median(valid))
+        return b1 / 100.0
+    return b1
 
 
 def load_b1map(path: Path | str, ref_shape: tuple[int, ...]) -> np.ndarray:
@@ -457,12 +257,8 @@ def load_b1map(path: Path | str, ref_shape: tuple[int, ...]) -> np.ndarray:
                                f"{ref_shape}")
         LOG.info("%s: B1 map shape %s reshaped to the images' %s", path.name, b1.shape, ref_shape)
         b1 = b1.reshape(ref_shape)
+    b1 = _relative_b1(b1, path.name)
     bad = ~np.isfinite(b1) | (b1 <= 0)
-    finite = b1[~bad]
-    if finite.size and np.median(finite) > 10:
-        LOG.info("%s: B1 map looks like percent (median %.1f); dividing by 100", path.name,
-                 np.median(finite))
-        b1 = b1 / 100.0
     if bad.any():
         LOG.warning("%s: %d non-finite or non-positive B1 values set to 1 (nominal)", path.name,
                     int(bad.sum()))
@@ -470,60 +266,55 @@ def load_b1map(path: Path | str, ref_shape: tuple[int, ...]) -> np.ndarray:
     return b1
 
 
-def load_collection_data(
-    collection: Collection,
-) -> tuple[np.ndarray, QmriProtocol, np.ndarray, list[tuple[Path, str]]]:
-    """Load a collection: (data float64 [X, Y, Z, N], protocol, affine, excluded members).
+def resample_b1map(path: Path | str, shape: Sequence[int], affine: np.ndarray,
+                   target: str = "the images", source: str | None = None) -> np.ndarray:
+    """The relative B1+ map (1 = nominal; a percent map is converted) at ``path`` on another
+    grid (``shape``, ``affine``: the images it is for), matched by world coordinates, with
+    linear interpolation (B1+ is a smooth field).
 
-    Excluded members (inconsistent fixed parameters) are dropped; Philips display scaling is
-    undone; all members must share one image shape.
+    Only the map's valid voxels (finite, > 0) are interpolated, with normalised weights, so the
+    edge of its object is not pulled towards the zeros outside it. Grid voxels with no valid
+    neighbour, or outside the map's field of view (half a voxel beyond its outer centres), get
+    the nominal 1: outside the map's object is mostly outside the images' object too, and their
+    count is logged. BadDataError naming the file (``source``: how messages name it, default its
+    file name) when no voxel of the grid lies in the map's field of view.
     """
-    kept, excluded = select_consistent_members(collection)
-    suffix = collection.suffix
-    if suffix not in _BUILDERS:
-        raise BadDataError(f"no qMRI protocol for suffix '{suffix}'")
-    protocol = _BUILDERS[suffix](kept, tuple((p.name, r) for p, r in excluded))
-    if isinstance(protocol, MP2RAGEProtocol):  # builder sorted members by TI
-        kept = sorted(kept, key=lambda m: get_number(m, "InversionTime"))
-    factors = philips_scale_factors(kept)
-    volumes, affine, shape0 = [], None, None
-    for i, m in enumerate(kept):
-        try:
-            img = nib.load(str(m.path))
-            vol = np.asarray(img.get_fdata(dtype=np.float64))
-        except Exception as exc:
-            raise BadDataError(f"{_name(m)}: cannot read the image ({exc})") from exc
-        if vol.ndim > 3:
-            if any(s != 1 for s in vol.shape[3:]):
-                raise BadDataError(f"{_name(m)}: expected one 3-D volume per member, got shape "
-                                   f"{vol.shape}")
-            vol = vol.reshape(vol.shape[:3])
-        while vol.ndim < 3:
-            vol = vol[..., None]
-        if shape0 is None:
-            shape0, affine = vol.shape, img.affine
-        elif vol.shape != shape0:
-            raise BadDataError(f"{_name(m)}: image shape {vol.shape} differs from "
-                               f"{_name(kept[0])} {shape0}")
-        elif not np.allclose(img.affine, affine, atol=1e-3):
-            LOG.warning("%s: affine differs from %s; using the first member's", _name(m),
-                        _name(kept[0]))
-        nonfinite = ~np.isfinite(vol)
-        if nonfinite.any():
-            LOG.warning("%s: %d non-finite voxels set to 0", _name(m), int(nonfinite.sum()))
-            vol = np.where(nonfinite, 0.0, vol)
-        if factors is not None:
-            vol = vol * factors[i]
-        volumes.append(vol)
-    return np.stack(volumes, axis=-1), protocol, np.asarray(affine), excluded
+    from scipy import ndimage
 
-
-def object_mask(data: np.ndarray, fraction: float = 0.1) -> np.ndarray:
-    """Voxels inside the object: mean signal over members above ``fraction`` × its 99th
-    percentile (a crude but robust foreground for fitting and summary statistics)."""
-    mean = np.abs(data).mean(-1)
-    thr = fraction * np.percentile(mean[mean > 0], 99) if (mean > 0).any() else np.inf
-    return mean > thr
+    path = Path(path)
+    source = source or path.name
+    try:
+        img = nib.load(str(path))
+        b1 = np.asarray(img.get_fdata(dtype=np.float64))
+    except Exception as exc:  # nibabel raises several types for corrupt files
+        raise BadDataError(f"{source}: cannot read the B1 map ({exc})") from exc
+    b1 = _relative_b1(b1.reshape(_squeeze_trailing(b1.shape)), source)
+    while b1.ndim < 3:
+        b1 = b1[..., None]
+    if b1.ndim != 3:
+        raise BadDataError(f"{source}: a B1 map must be one 3-D volume, got shape {b1.shape}")
+    shape = tuple(int(n) for n in shape)
+    # grid voxel (i, j, k) -> world -> voxel coordinates of the map
+    to_map = np.linalg.inv(np.asarray(img.affine, np.float64)) @ np.asarray(affine, np.float64)
+    grid = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    coords = to_map[:3, :3] @ grid + to_map[:3, 3:4]
+    extent = np.asarray(b1.shape, np.float64)[:, None]
+    inside = np.all((coords >= -0.5) & (coords <= extent - 0.5), axis=0)
+    if not inside.any():
+        raise BadDataError(f"{source}: the B1 map's field of view contains no voxel of "
+                           f"{target} (compare the affines of the two)")
+    valid = np.isfinite(b1) & (b1 > 0)
+    # mode="nearest": an axis of one voxel (a single slice) is constant across its thickness
+    weight = ndimage.map_coordinates(valid.astype(np.float64), coords, order=1, mode="nearest")
+    total = ndimage.map_coordinates(np.where(valid, b1, 0.0), coords, order=1, mode="nearest")
+    ok = inside & (weight > 1e-6)
+    out = np.ones(coords.shape[1])
+    out[ok] = total[ok] / weight[ok]
+    LOG.info("%s: B1 map resampled from %s to the %s grid of %s (linear, by the affines); "
+             "%d of its %d voxels lie outside the map's object or field of view: nominal B1 (1) "
+             "there", source, "x".join(map(str, b1.shape)), "x".join(map(str, shape)), target,
+             int((~ok).sum()), ok.size)
+    return out.reshape(shape)
 
 
 def collection_from_paths(

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from qmri_bids.progress import progress
 from qmri_bids.provenance import hardware_string
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.estimator import (
@@ -41,7 +42,6 @@ from qmri_bids.qmri.estimator import (
     EstimatorConfig,
     ParameterPrior,
     default_config,
-    default_prior,
     split_params,
     unit_crb,
 )
@@ -282,7 +282,7 @@ def _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_si
     if loss not in ("crb", "mse"):
         raise ValueError(f"loss must be 'crb' or 'mse', got {loss!r}")
     device = torch.device(device)
-    prior = prior or default_prior(model)
+    prior = prior or model.default_prior()
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     if pool is None:
@@ -315,7 +315,8 @@ def _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_si
     step, running, truncated = start, float("nan"), False
     log_every = max(1, n_steps // 10)
     last = n_steps if stop_after is None else min(n_steps, start + int(stop_after))
-    for step in range(start, n_steps):
+    for step in progress(range(start, n_steps), desc=f"training the {model.name} network",
+                         unit="steps"):
         if step >= last:
             truncated = True
             if ckdir is not None:
@@ -427,7 +428,7 @@ def validate(
     (see :func:`full_to_shape`).
     """
     prior = prior or (estimator.prior if isinstance(estimator, CrbEstimator)
-                      else default_prior(model))
+                      else model.default_prior())
     f = shape_estimator(estimator) if isinstance(estimator, CrbEstimator) else estimator
     shape, b1 = validation_grid(prior, n_grid)
     crb_u, sig = unit_crb(model, prior, shape, b1)

@@ -1,24 +1,39 @@
-"""Top-level workflow factories (fMRIPrep style): the run, then one sub-workflow per subject."""
+"""Top-level workflow factories (fMRIPrep style): the run, then one sub-workflow per subject.
+
+Factories take keyword-only arguments and read no file: what they need to know about the
+inputs (image sizes, each collection's plan) was decided in pre-flight
+(:mod:`qmri_bids.preflight`). Processing workflows end in an ``outputnode`` that the subject
+workflow connects to the derivative sinks of :mod:`qmri_bids.workflows.outputs`.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import networkx as nx
 from nipype.pipeline import engine as pe
 
 from qmri_bids.bids.discovery import SubjectInputs
 from qmri_bids.config import RunConfig, version_tag
-from qmri_bids.workflows.anatomical import init_anat_bias_wf
+from qmri_bids.interfaces.qmri import collection_to_dict
+from qmri_bids.workflows.anatomical import image_mem_gb, init_anat_bias_wf
+from qmri_bids.workflows.outputs import (
+    QMRI_OUTPUT_FIELDS,
+    b1_provenance,
+    bias_output_fields,
+    init_ds_bias_wf,
+    init_ds_qmri_wf,
+)
 from qmri_bids.workflows.qmri import init_qmri_map_wf
 
 
-def init_qmri_bids_wf(config: RunConfig, subjects: list[SubjectInputs]) -> pe.Workflow:
+def init_qmri_bids_wf(*, config: RunConfig, subjects: list[SubjectInputs]) -> pe.Workflow:
     """The whole run. Its name carries major.minor so a new version never reuses old results."""
     workflow = pe.Workflow(name=f"qmri_bids_{version_tag()}_wf", base_dir=str(config.work_dir))
     for inputs in subjects:
         if inputs.empty:
             continue
-        workflow.add_nodes([init_single_subject_wf(config, inputs)])
+        workflow.add_nodes([init_single_subject_wf(config=config, inputs=inputs)])
     return workflow
 
 
@@ -27,22 +42,62 @@ def subject_wf_name(inputs: SubjectInputs) -> str:
     return f"sub_{inputs.subject}{ses}_wf"
 
 
-def init_single_subject_wf(config: RunConfig, inputs: SubjectInputs) -> pe.Workflow:
-    """All processing of one participant (and session)."""
+def init_single_subject_wf(*, config: RunConfig, inputs: SubjectInputs) -> pe.Workflow:
+    """All processing of one participant (and session): each anatomical image corrected by the
+    configured methods, each collection mapped as its plan says, everything stored. A collection
+    whose plan takes its B1+ map from another collection gets that collection's ``provided``
+    map (``plan.b1_provider``, decided in pre-flight)."""
     workflow = pe.Workflow(name=subject_wf_name(inputs))
     workflow.__desc__ = (
         f"Results included in this manuscript come from processing with qmri-bids "
         f"{config.version}, which uses Nipype and PyBIDS.\n"
     )
-    log_dir = config.log_dir(inputs.subject)
     for index, anat in enumerate(inputs.anat):
-        workflow.add_nodes([init_anat_bias_wf(config, anat, name=f"anat_{index:02d}_"
-                                              f"{anat.suffix}_bias_wf")])
+        label = f"{index:02d}_{anat.suffix}"
+        bias_wf = init_anat_bias_wf(bias_methods=config.bias_methods,
+                                    mem_gb=image_mem_gb(anat.n_voxels),
+                                    omp_nthreads=config.omp_nthreads, device=config.device,
+                                    name=f"anat_{label}_bias_wf")
+        bias_wf.inputs.inputnode.in_file = str(anat.path)
+        ds_wf = init_ds_bias_wf(output_dir=config.output_dir, bids_dir=config.bids_dir,
+                                source_file=anat.path, source_entities=anat.entities,
+                                suffix=anat.suffix, methods=config.bias_methods,
+                                name=f"ds_anat_{label}_wf")
+        workflow.connect([(bias_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}")
+                                            for f in bias_output_fields(config.bias_methods)])])
+    by_label = {c.label: c for c in inputs.collections}
+    map_wfs: dict[str, pe.Workflow] = {}
     for index, collection in enumerate(inputs.collections):
-        workflow.add_nodes([init_qmri_map_wf(config, collection,
-                                             name=f"qmri_{index:02d}_{collection.suffix}_wf")])
+        if collection.plan is None:
+            raise ValueError(f"collection {collection.label} of sub-{inputs.subject} has no "
+                             "plan: pre-flight (qmri_bids.preflight) plans every collection")
+        link = collection.plan.b1_provider
+        if link is not None and link.label not in by_label:
+            raise ValueError(f"collection {collection.label} of sub-{inputs.subject} takes its "
+                             f"B1+ map from {link.label}, which is not among its collections")
+        label = f"{index:02d}_{collection.suffix}"
+        map_wf = init_qmri_map_wf(plan=collection.plan, omp_nthreads=config.omp_nthreads,
+                                  device=config.device, model_dir=config.model_dir,
+                                  name=f"qmri_{label}_wf")
+        map_wf.inputs.inputnode.collection = collection_to_dict(collection)
+        map_wfs[collection.label] = map_wf
+        b1_meta, b1_uris = b1_provenance(collection, by_label.get(link.label) if link else None,
+                                         config.output_dir)
+        ds_wf = init_ds_qmri_wf(output_dir=config.output_dir, bids_dir=config.bids_dir,
+                                suffix=collection.suffix,
+                                members=[m.path for m in collection.members],
+                                first_entities=collection.members[0].entities,
+                                b1map=collection.b1map, name=f"ds_qmri_{label}_wf",
+                                extra_meta=b1_meta, source_uris=b1_uris)
+        workflow.connect([(map_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}")
+                                           for f in QMRI_OUTPUT_FIELDS])])
+    for collection in inputs.collections:
+        if collection.plan.b1_from_provider:
+            workflow.connect(map_wfs[collection.plan.b1_provider.label], "outputnode.provided",
+                             map_wfs[collection.label], "inputnode.b1map")
     # Nipype merges only the top workflow's config into nodes (node settings win), so the
     # per-participant crash folder must be set on every node itself.
+    log_dir = config.log_dir(inputs.subject)
     for node in workflow._get_all_nodes():
         node.config = node.config or {}
         node.config.setdefault("execution", {}).update(
@@ -51,42 +106,31 @@ def init_single_subject_wf(config: RunConfig, inputs: SubjectInputs) -> pe.Workf
 
 
 def planned_outputs(config: RunConfig, subjects: list[SubjectInputs]) -> dict[str, list[str]]:
-    """For the summary table: what will run on each input (keys: paths or collection labels)."""
+    """For the summary table: what will run on each input (keys: paths or collection labels);
+    a collection's entry is its plan's summary."""
     plan: dict[str, list[str]] = {}
     for inputs in subjects:
         for anat in inputs.anat:
             plan[str(anat.path)] = [f"bias {m}" for m in config.bias_methods]
         for col in inputs.collections:
-            plan[col.label] = _qmri_plan(config, col)
+            plan[col.label] = col.plan.summary() if col.plan is not None else []
     return plan
 
 
-def _qmri_plan(config: RunConfig, collection) -> list[str]:
-    from qmri_bids.errors import BadDataError
-    from qmri_bids.workflows.qmri import estimator_plan
-
-    if collection.suffix in ("MTR", "MP2RAGE"):
-        return ["map (closed form)"]
-    try:
-        name, _, found = estimator_plan(config, collection)
-    except BadDataError as exc:
-        return [f"map: protocol problem ({exc})"]
-    ests = [e for e in config.qmri_estimators if e != "nn"]
-    net = f"network {found.stem}" if found else f"train {name} network, then map"
-    return [net, *ests]
-
-
 def describe(workflow: pe.Workflow) -> str:
-    """Collect ``__desc__`` boilerplate of every sub-workflow, in order."""
+    """The ``__desc__`` boilerplate of a workflow and its sub-workflows, each once, visiting them
+    in topological order (what runs first is described first; independent workflows in the
+    order they were added)."""
     parts: list[str] = []
 
     def walk(wf: pe.Workflow) -> None:
         desc = getattr(wf, "__desc__", None)
         if desc:
             parts.append(desc.strip())
-        for name in sorted(wf.list_node_names()):
-            node = wf.get_node(name.split(".")[0])
-            if isinstance(node, pe.Workflow) and node is not wf:
+        graph = wf._graph
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        for node in nx.lexicographical_topological_sort(graph, key=order.__getitem__):
+            if isinstance(node, pe.Workflow):
                 walk(node)
 
     walk(workflow)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from nipype.pipeline import engine as pe
 
-from qmri_bids.config import RunConfig
 from qmri_bids.interfaces.bias import CNNBiasCorrection
 
 
@@ -18,12 +17,12 @@ def cnn_available() -> tuple[bool, str]:
     return True, ""
 
 
-def cnn_bias_node(config: RunConfig, mem_gb: float) -> pe.Node:
+def cnn_bias_node(*, device: str, omp_nthreads: int, mem_gb: float) -> pe.Node:
     """One CNN node; on a GPU it takes one of MultiProc's GPU slots (``use_gpu``)."""
+    use_gpu = device == "cuda"
     return pe.Node(
-        CNNBiasCorrection(device=config.device, use_gpu=config.use_gpu,
-                          n_threads=config.omp_nthreads),
+        CNNBiasCorrection(device=device, use_gpu=use_gpu, n_threads=omp_nthreads),
         name="cnn",
         mem_gb=mem_gb,
-        n_procs=1 if config.use_gpu else config.omp_nthreads,
+        n_procs=1 if use_gpu else omp_nthreads,
     )

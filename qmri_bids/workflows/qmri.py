@@ -1,121 +1,62 @@
-"""qMRI mapping sub-workflow: (train the protocol's estimator if needed) → map → derivatives."""
+"""qMRI mapping sub-workflow: (train the protocol's network if the plan says so; bring another
+collection's B1+ map to this grid if the plan links one) → map."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import logging
-
+import numpy as np
+from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from qmri_bids.bids.discovery import Collection
-from qmri_bids.config import RunConfig
-from qmri_bids.errors import BadDataError
-from qmri_bids.interfaces.derivatives import DerivativesSink
-from qmri_bids.interfaces.qmri import QmriMapping, collection_to_dict
+from qmri_bids.interfaces.qmri import QmriMapping, ResampleB1Map
+from qmri_bids.qmri.base import B1_MAP
+from qmri_bids.qmri.plan import CollectionPlan
+from qmri_bids.workflows.outputs import QMRI_OUTPUT_FIELDS
 from qmri_bids.workflows.training import init_qmri_training_wf
 
-LOGGER = logging.getLogger("qmri_bids.qmri")
-GROUPING_ENTITIES = ("flip", "inv", "echo", "mt", "part")
 
+def init_qmri_map_wf(*, plan: CollectionPlan, omp_nthreads: int, device: str, model_dir: Path,
+                     name: str) -> pe.Workflow:
+    """Map one collection as ``plan`` decided (estimators, network; no file is read here).
 
-def derivative_acquisition(collection: Collection) -> str:
-    """``acq`` label of the maps: the collection name first, so that T1 maps from VFA and from
-    IRT1 never share a name (``acq-vfa_T1map`` vs ``acq-irt1_T1map``); a raw ``acq`` label is
-    kept after it (``acq-vfafast``)."""
-    return collection.suffix.lower() + collection.entities.get("acquisition", "")
+    Inputs (``inputnode``): ``collection`` (``collection_to_dict``). Outputs (``outputnode``):
+    ``out_files``, ``suffixes``, ``descs`` (``""`` for the primary maps) and ``metas`` (sidecar
+    fields), one entry per map. When the plan has no network for the protocol, the training
+    sub-workflow runs first and hands its file to the mapping node.
 
-
-def estimator_plan(config: RunConfig, collection: Collection) -> tuple[str, dict, Path | None]:
-    """(model name, protocol dict, estimator file or None when it must be trained first)."""
-    from qmri_bids.qmri.mapping import resolve_model
-    from qmri_bids.qmri.model_store import SHIPPED_DIR, estimator_stem
-
-    resolved = resolve_model(collection)
-    if resolved is None:
-        return "", {}, None
-    model, protocol = resolved
-    stem = estimator_stem(model.name, protocol)
-    shipped = Path(SHIPPED_DIR) / f"{stem}.safetensors"
-    if shipped.is_file():
-        verify_estimator(shipped)  # a corrupt shipped model is an error, never a fallback
-        return model.name, protocol, shipped
-    cached = Path(config.model_dir) / f"{stem}.safetensors"
-    if cached.is_file():
-        try:
-            verify_estimator(cached)
-            return model.name, protocol, cached
-        except BadDataError as exc:
-            LOGGER.warning("%s; it will be retrained", exc)
-    return model.name, protocol, None
-
-
-def verify_estimator(weights: Path) -> None:
-    """sha256 of an estimator against its model card (BadDataError naming the file)."""
-    from qmri_bids.provenance import sha256_file
-    from qmri_bids.qmri.model_store import read_card
-
-    card = read_card(weights.with_suffix(".json"))
-    if sha256_file(weights) != card.get("weights_sha256"):
-        raise BadDataError(f"estimator {weights} does not match the sha256 in its card "
-                           f"{weights.with_suffix('.json').name} (corrupt or replaced file)")
-
-
-def init_qmri_map_wf(config: RunConfig, collection: Collection, name: str) -> pe.Workflow:
+    Maps shared between collections: when the plan takes its B1+ map from another collection
+    (``plan.b1_from_provider``), ``inputnode`` also has ``b1map`` (that collection's
+    ``provided``, on its grid), which ``b1_to_grid`` resamples to this collection's grid for the
+    mapping node. When the model provides a map (``plan.provides``), ``outputnode`` also has
+    ``provided``: that primary map, for the collections that use it.
+    """
     workflow = pe.Workflow(name=name)
-    workflow.__desc__ = (
-        f"Quantitative maps of the {collection.suffix} collection were estimated with a neural "
-        "network trained on signals simulated from the acquisition protocol, with a loss "
-        "normalised by the Cramér-Rao bound (Zhang et al., 2022)"
-        + ("; non-linear least squares" if "nlls" in config.qmri_estimators else "")
-        + ("; dictionary matching" if "dict" in config.qmri_estimators else "")
-        + ". Per-voxel Cramér-Rao standard deviations were computed at the estimates and the "
-          "noise level measured in the background.\n"
-    )
-    mapper = pe.Node(
-        QmriMapping(collection=collection_to_dict(collection),
-                    estimators=list(config.qmri_estimators), device=config.device,
-                    use_gpu=config.use_gpu, n_threads=config.omp_nthreads),
-        name="map", mem_gb=_collection_mem_gb(collection),
-        n_procs=1 if config.use_gpu else config.omp_nthreads)
-    if collection.suffix not in ("MTR", "MP2RAGE") and "nn" in config.qmri_estimators:
-        model_name, protocol, found = estimator_plan(config, collection)
-        if found is not None:
-            mapper.inputs.estimator_file = str(found)
-        else:
-            train_wf = init_qmri_training_wf(model_name, protocol, config.model_dir,
-                                             name="train_estimator_wf",
-                                             n_threads=config.omp_nthreads)
-            workflow.connect(train_wf, "outputnode.estimator_file", mapper, "estimator_file")
-
-    first = collection.members[0]
-    entities = {k: v for k, v in first.entities.items() if k not in GROUPING_ENTITIES}
-    entities["acquisition"] = derivative_acquisition(collection)
-    sources = [str(m.path) for m in collection.members[1:]]
-    if collection.b1map:
-        sources.append(str(collection.b1map))
-    sink = pe.MapNode(
-        DerivativesSink(base_directory=str(config.output_dir), bids_dir=str(config.bids_dir),
-                        source_file=str(first.path), source_entities=entities,
-                        drop_entities=list(GROUPING_ENTITIES), extra_sources=sources),
-        iterfield=["in_file", "suffix", "desc", "meta_dict"],
-        name="ds_maps", run_without_submitting=True, mem_gb=0.1)
-    workflow.connect(mapper, "out_files", sink, "in_file")
-    workflow.connect(mapper, "suffixes", sink, "suffix")
-    workflow.connect(mapper, "descs", sink, "desc")
-    workflow.connect(mapper, "metas", sink, "meta_dict")
+    workflow.__desc__ = plan.describe()
+    use_gpu = device == "cuda"
+    in_fields = ["collection"] + (["b1map"] if plan.b1_from_provider else [])
+    out_fields = list(QMRI_OUTPUT_FIELDS) + (["provided"] if plan.provides else [])
+    inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
+    mapper = pe.Node(QmriMapping(plan=plan.to_dict(), device=device, use_gpu=use_gpu,
+                                 n_threads=omp_nthreads),
+                     name="map", mem_gb=plan.mem_gb, n_procs=1 if use_gpu else omp_nthreads)
+    workflow.connect([
+        (inputnode, mapper, [("collection", "collection")]),
+        (mapper, outputnode, [(f, f) for f in out_fields]),
+    ])
+    if plan.b1_from_provider:
+        # ~10 float64 arrays of the grid (coordinates, weights, values) beside the interpreter
+        mem_gb = round(0.3 + 80 * int(np.prod(plan.shape)) / 1024**3, 2)
+        to_grid = pe.Node(ResampleB1Map(reference=plan.members[0], shape=list(plan.shape),
+                                        target=f"the {plan.suffix} collection",
+                                        source=f"the {B1_MAP} of {plan.b1_provider.label}"),
+                          name="b1_to_grid", mem_gb=mem_gb, n_procs=1)
+        workflow.connect([(inputnode, to_grid, [("b1map", "in_file")]),
+                          (to_grid, mapper, [("out_file", "b1map")])])
+    if plan.network is not None and plan.network.train_on_demand:
+        train_wf = init_qmri_training_wf(model_name=plan.network.model_name,
+                                         protocol=plan.network.protocol, cache_dir=model_dir,
+                                         omp_nthreads=omp_nthreads, name="train_estimator_wf")
+        workflow.connect(train_wf, "outputnode.estimator_file", mapper, "estimator_file")
     return workflow
-
-
-def _collection_mem_gb(collection: Collection) -> float:
-    import nibabel as nib
-    import numpy as np
-
-    try:
-        n = int(np.prod(nib.load(str(collection.members[0].path)).shape))
-    except Exception:  # noqa: BLE001 - pre-flight already rejected unreadable files
-        n = 256**3
-    n_members = len(collection.members)
-    if collection.suffix == "MRF":
-        n_members = max(n_members, 1000)
-    return round(1.0 + 16 * 8 * n * n_members / 1024**3, 2)

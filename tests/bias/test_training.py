@@ -1,4 +1,4 @@
-"""Training data, the implicit loss, a short training run, resumption and export."""
+"""Training data, the loss terms, a short training run, resumption and export."""
 
 from __future__ import annotations
 
@@ -9,24 +9,32 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qmri_bids.artifacts import sha256_file
 from qmri_bids.bias.cnn import BiasNetConfig
+from qmri_bids.bias.synth import SynthConfig, SynthPool
 from qmri_bids.bias.train import (
     TrainConfig,
     export_model,
     implicit_loss,
-    sha256_file,
     train,
+    training_fields,
+    training_loss,
     validate,
     validation_set,
 )
 from qmri_bids.bias.training_data import TrainingPool, dead_leaves, load_photos
 
-TINY = BiasNetConfig(in_size=32, base_channels=4, depth=2)
+TINY = BiasNetConfig(in_size=32, base_channels=4, depth=3, out_level=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_pool() -> TrainingPool:
     return TrainingPool.build(size=32, n_dead_leaves=24, n_photo_crops=24, n_masks=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def synth_pool() -> SynthPool:
+    return SynthPool.build(16, seed=0, cfg=SynthConfig(size=32), per_axis=3)
 
 
 def test_dead_leaves_statistics() -> None:
@@ -53,14 +61,14 @@ def test_loss_is_zero_for_a_perfect_oracle() -> None:
     the field, is penalised. The loss measures what it claims."""
 
     class Oracle(torch.nn.Module):
-        def forward(self, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        def log_field(self, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
             lv = torch.log(v.clamp_min(1e-6))
             mean = (lv * m).sum(dim=(2, 3), keepdim=True) / m.sum(dim=(2, 3), keepdim=True)
-            return torch.where(m > 0, torch.exp(lv - mean), torch.ones_like(v))
+            return torch.where(m > 0, lv - mean, torch.zeros_like(v))
 
     class Identity(torch.nn.Module):
-        def forward(self, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-            return torch.ones_like(v)
+        def log_field(self, v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            return torch.zeros_like(v)
 
     m = torch.zeros(3, 1, 24, 24)
     m[:, :, 4:20, 2:22] = 1
@@ -73,29 +81,48 @@ def test_loss_is_zero_for_a_perfect_oracle() -> None:
     _loss_id, terms_id = implicit_loss(Identity(), v, m, b)  # type: ignore[arg-type]
     assert terms_id["consistency"] > 1e-4
     assert terms_id["idempotence_v"] == pytest.approx(0.0, abs=1e-12)
+    # the explicit terms know the truth (u is bias-free): zero for the oracle, not for F = 1
+    every = torch.ones(3, dtype=torch.bool)
+    _, t_or = training_loss(Oracle(), v, m, b, w_explicit=1.0, explicit=every)  # type: ignore
+    _, t_id = training_loss(Identity(), v, m, b, w_explicit=1.0, explicit=every)  # type: ignore
+    assert t_or["explicit"] == pytest.approx(0.0, abs=1e-9)
+    assert t_id["explicit"] == pytest.approx(terms_id["consistency"], rel=1e-5)
 
 
-def test_short_training_lowers_loss_and_resumes_identically(tiny_pool: TrainingPool,
-                                                            tmp_path) -> None:
-    cfg = TrainConfig(net=TINY, steps=40, batch_size=8, lr=3e-3, lr_final=1e-3, seed=3,
-                      length_scale=(3.0, 6.0), checkpoint_every=20, log_every=10)
-    vset = validation_set(size=32, n=8, seed=11)
-    untrained, _ = train(TrainConfig(**{**cfg.__dict__, "steps": 0}), pool=tiny_pool)
-    before = validate(untrained, vset)
-    net, summary = train(cfg, tmp_path / "full", pool=tiny_pool)
-    after = validate(net, vset)
-    assert summary["steps_done"] == 40
-    assert after["dead_leaves_consistency_mae"] < before["dead_leaves_consistency_mae"]
-    first, last = summary["history"][0]["total"], summary["history"][-1]["total"]
-    assert np.isfinite(first) and np.isfinite(last)
+def test_short_training_lowers_both_losses_and_resumes_identically(synth_pool: SynthPool,
+                                                                  tmp_path) -> None:
+    cfg = TrainConfig(net=TINY, steps=60, batch_size=8, lr=3e-3, lr_final=1e-3, seed=3,
+                      checkpoint_every=20, log_every=10)
+    # held out: slices of other volumes (another seed) and fields never drawn in training
+    held = SynthPool.build(4, seed=99, cfg=SynthConfig(size=32), per_axis=3)
+    v, m = held.batch(32, torch.Generator().manual_seed(5))
+    b = training_fields(cfg, 32, m.float(), torch.Generator().manual_seed(6))
+    every = torch.ones(32, dtype=torch.bool)
+
+    def held_out_terms(net: torch.nn.Module) -> dict[str, float]:
+        with torch.no_grad():
+            return training_loss(net, v, m.float(), b, cfg.alpha, 1.0, 1.0, every)[1]
+
+    untrained, _ = train(TrainConfig(**{**cfg.__dict__, "steps": 0}), pool=synth_pool)
+    before = held_out_terms(untrained)
+    net, summary = train(cfg, tmp_path / "full", pool=synth_pool)
+    after = held_out_terms(net)
+    assert summary["steps_done"] == 60
+    # both losses drop on held-out data: the implicit one (consistency of F(v b) / F(v)) and
+    # the explicit one (F(v b) against the true field)
+    assert after["consistency"] < 0.95 * before["consistency"], (before, after)
+    assert after["explicit"] < 0.95 * before["explicit"], (before, after)
+    vset = validation_set(size=32, n=12, seed=11)
+    assert set(validate(net, vset)) >= {"synth_field_mae", "synth_consistency_mae",
+                                        "photos_consistency_mae"}
 
     # interrupted after 20 steps...
-    train(cfg, tmp_path / "resumed", pool=tiny_pool, until_step=20)
+    train(cfg, tmp_path / "resumed", pool=synth_pool, until_step=20)
     state = json.loads((tmp_path / "resumed" / "state.json").read_text())
     assert state["step"] == 20
-    # ...and resumed to 40 with the full config: bit-identical weights to the uninterrupted run
-    resumed, s2 = train(cfg, tmp_path / "resumed", pool=tiny_pool)
-    assert s2["steps_done"] == 40
+    # ...and resumed to 60 with the full config: bit-identical weights to the uninterrupted run
+    resumed, s2 = train(cfg, tmp_path / "resumed", pool=synth_pool)
+    assert s2["steps_done"] == 60
     for (k, a), (_, b) in zip(net.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
 
@@ -104,13 +131,13 @@ def test_short_training_lowers_loss_and_resumes_identically(tiny_pool: TrainingP
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["sha256"] == sha256_file(out)
     assert card["architecture"]["config"] == TINY.to_dict()
-    assert card["training"]["steps"] == 40 and card["training"]["seed"] == 3
+    assert card["training"]["steps"] == 60 and card["training"]["seed"] == 3
     assert "torch" in card["hardware"]
     assert set(load_file(str(out))) == set(net.state_dict())
 
 
-def test_wall_budget_stops_and_checkpoints(tiny_pool: TrainingPool, tmp_path) -> None:
+def test_wall_budget_stops_and_checkpoints(synth_pool: SynthPool, tmp_path) -> None:
     cfg = TrainConfig(net=TINY, steps=1000, batch_size=4, seed=0, checkpoint_every=500)
-    _, summary = train(cfg, tmp_path, pool=tiny_pool, max_wall_s=0.0)
+    _, summary = train(cfg, tmp_path, pool=synth_pool, max_wall_s=0.0)
     assert summary["steps_done"] == 1
     assert json.loads((tmp_path / "state.json").read_text())["step"] == 1

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from qmri_bids.artifacts import sha256_file
 from qmri_bids.bias.cnn import BiasNet, BiasNetConfig
-from qmri_bids.bias.train import TrainConfig, export_model, sha256_file
+from qmri_bids.bias.train import TrainConfig, export_model
 from qmri_bids.bias.weights import DEFAULT_MODEL, load_model, models_dir
 from qmri_bids.errors import EXIT_BAD_DATA, BadDataError
 
@@ -95,3 +96,15 @@ def test_architecture_mismatch(exported: Path) -> None:
     card_path.write_text(json.dumps(card))
     with pytest.raises(BadDataError, match="does not match the architecture"):
         load_model(exported)
+
+
+def test_version_1_card_still_reads(exported: Path) -> None:
+    """Cards written before the common card format (``format: qmri-bids-bias-cnn``) load."""
+    card_path = exported.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    v1 = {k: v for k, v in card.items() if k not in ("format", "format_version", "kind")}
+    v1["format"] = "qmri-bids-bias-cnn"
+    card_path.write_text(json.dumps(v1))
+    model = load_model(exported)
+    assert model.sha256 == sha256_file(exported)
+    assert model.card["format_version"] == 1

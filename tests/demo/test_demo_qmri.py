@@ -97,19 +97,21 @@ def test_discovery_finds_collections_with_b1(demo, tmp_path):
     ("MESE", "sub-01_echo-*_MESE.nii.gz", "acq-mese_T2map", False),
 ])
 def test_fit_recovers_truth(demo, suffix, pattern, truth, b1):
-    from qmri_bids.qmri.nlls import fit_collection
+    from qmri_bids.qmri.mapping import map_collection
+    from qmri_bids.qmri.plan import plan_collection
 
     b1map = demo / "sub-01" / "fmap" / "sub-01_TB1map.nii.gz" if b1 else None
     coll = collection_from_paths(_members(demo, pattern), suffix, b1map)
     labels = _gt(demo, "acq-vfa_desc-tissue_dseg")
     mask = np.isin(labels, (WM, GM))
     mask[..., [0, 1, 3, 4, 6, 7]] = False  # two of the eight slices keep the test fast
-    fit = fit_collection(coll, mask=mask)
+    result = map_collection(coll, plan_collection(coll, estimators=("nlls",)), mask=mask)
+    (nlls,) = result.mapsets
     key = "T2" if suffix == "MESE" else "T1"
     true = _gt(demo, truth)
     for label in (WM, GM):
         sel = mask & (labels == label)
-        rel = fit.maps[key][sel] / true[sel] - 1
+        rel = nlls.values[key][sel] / true[sel] - 1
         assert np.median(np.abs(rel)) < 0.03, (suffix, label, np.median(np.abs(rel)))
         assert abs(np.median(rel)) < 0.01, (suffix, label, np.median(rel))  # no bias
 
@@ -212,3 +214,22 @@ def test_bids_validator_no_errors(demo):
     report = json.loads(out)
     errors = report["issues"]["errors"]
     assert not errors, [e.get("reason") for e in errors]
+
+
+@pytest.mark.parametrize("suffix, pattern", [("VFA", "sub-01_flip-*_VFA.nii.gz"),
+                                             ("IRT1", "sub-01_inv-*_IRT1.nii.gz"),
+                                             ("MESE", "sub-01_echo-*_MESE.nii.gz")])
+def test_demo_simulates_with_the_model_the_pipeline_resolves(demo, suffix, pattern):
+    """The demo builds its simulation models from the sidecars it writes, through the same
+    registry as the pipeline: the protocols are the shipped estimators' ones."""
+    from qmri_bids.demo.qmri_collections import sidecar_model
+    from qmri_bids.qmri.model_store import SHIPPED_DIR, locate_estimator
+    from qmri_bids.qmri.protocols import resolve_collection
+
+    paths = _members(demo, pattern)
+    metas = [json.loads(p.with_name(p.name[:-7] + ".json").read_text()) for p in paths]
+    simulated = sidecar_model(suffix, [p.name[:-7] for p in paths], metas)
+    resolved = resolve_collection(collection_from_paths(paths, suffix)).model
+    assert type(simulated) is type(resolved)
+    assert simulated.to_protocol() == resolved.to_protocol()
+    assert locate_estimator(resolved).weights.parent == SHIPPED_DIR

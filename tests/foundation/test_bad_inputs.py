@@ -241,26 +241,29 @@ def _check_metadata_skips(text: str) -> None:
     assert "sub-01_echo-2_MESE.nii.gz" in text and "EchoTime" in text
 
 
-def test_bad_sidecars_only_exits_18(tmp_path, isolated_env):
-    """Both collections are skipped (logged, naming file and field); nothing else is left, so
-    discovery raises NothingSelectedError, as ``discover`` documents ("raise if nothing is
-    left") -> exit 18."""
+def test_bad_sidecars_only_exits_65(tmp_path, isolated_env):
+    """Both collections are skipped (logged, naming file and field); nothing else is left, but
+    something was selected: unusable input, exit 65 (issue 13), with the files and fields in
+    the error message."""
     ds = _collection_dataset(tmp_path / "ds", with_t1w=False)
     work = tmp_path / "w"
-    code, _, _err = _run([ds, tmp_path / "out", "participant", "-w", work,
+    code, _, err = _run([ds, tmp_path / "out", "participant", "-w", work,
                          "--skip-bids-validation"], isolated_env, ds)
-    assert code == EXIT_NOTHING_SELECTED
+    assert code == EXIT_BAD_DATA
     _check_metadata_skips(run_log(work))
+    _check_metadata_skips(err.split("qmri-bids: error:")[-1])
 
 
-def test_bad_sidecars_with_usable_t1w_exits_0(tmp_path, isolated_env):
-    """The same skips, but a T1w remains: it is processed and the run succeeds (exit 0); the
-    skips are logged and listed in the summary table."""
+def test_bad_sidecars_with_usable_t1w_exits_65(tmp_path, isolated_env):
+    """The same skips, but a T1w remains: it is processed, and the run ends with exit 65 like
+    other unusable inputs (issue 13); the skips are logged, listed in the summary table and
+    named (file and field) in the final error message."""
     ds = _collection_dataset(tmp_path / "ds", with_t1w=True)
     out, work = tmp_path / "out", tmp_path / "w"
     code, stdout, err = _run([ds, out, "participant", "-w", work, "--skip-bids-validation",
                               "--nprocs", "1"], isolated_env, ds)
-    assert code == EXIT_OK, err[-3000:]
+    assert code == EXIT_BAD_DATA, err[-3000:]
+    _check_metadata_skips(err.split("qmri-bids: error:")[-1])
     _check_metadata_skips(run_log(work))
     _check_metadata_skips(stdout)  # the summary table lists the skips
     assert _outputs(out, "01") == ["sub-01_desc-n4_T1w.nii.gz", "sub-01_desc-n4field_T1w.nii.gz"]

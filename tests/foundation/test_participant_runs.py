@@ -235,18 +235,24 @@ def test_demo_summary_table_printed(demo_run):
     for sub in ("01", "02"):
         rows = _table_block(lines, f"sub-{sub}")
         cells = [(row.split()[0], row.partition("  -> ")) for row in rows]
-        # the demo's anatomical images, then its qMRI collections, nothing skipped
-        assert [kind for kind, _ in cells] == ["anat", "anat", "VFA", "IRT1", "MESE", "MRF"], rows
+        # the demo's anatomical images, then its qMRI collections, nothing skipped; sub-02's
+        # VFA B1+ comes from a double-angle collection instead of a TB1map
+        dam = ["TB1DAM"] if sub == "02" else []
+        assert [kind for kind, _ in cells] == ["anat", "anat", "VFA", "IRT1", "MESE", "MRF",
+                                               *dam], rows
         assert [found.split()[1] for kind, (found, _, _) in cells if kind == "anat"] == [
             f"sub-{sub}_{suffix}.nii.gz" for suffix in SUFFIXES_DEMO]
         # collections: as many files as the demo wrote, and each has a plan
-        anat_dir = demo_run["bids"] / f"sub-{sub}" / "anat"
         for kind, (found, arrow, plan) in cells[2:]:
-            n_files = len(list(anat_dir.glob(f"sub-{sub}_*_{kind}.nii.gz")))
+            folder = demo_run["bids"] / f"sub-{sub}" / ("fmap" if kind == "TB1DAM" else "anat")
+            n_files = len(list(folder.glob(f"sub-{sub}_*_{kind}.nii.gz")))
             assert found.split()[1:3] == [str(n_files), "files"], (kind, found)
             assert arrow and plan.strip() not in ("", "-") and "problem" not in plan, (kind, plan)
         # the B1 maps are attached to the collections their IntendedFor names
-        assert f"+ sub-{sub}_TB1map.nii.gz" in rows[2]
+        if sub == "02":
+            assert "TB1map" not in rows[2] and "-> B1 from TB1DAM, " in rows[2]
+        else:
+            assert f"+ sub-{sub}_TB1map.nii.gz" in rows[2]
         assert f"+ sub-{sub}_acq-mrf_TB1map.nii.gz" in rows[5]
         # aligned: the plan column starts at the same offset in every row of the block
         assert len({row.index("  -> ") for row in rows}) == 1, rows

@@ -1,4 +1,5 @@
-"""Protocol building, validation messages, Philips scaling, member exclusion, data loading."""
+"""Collections → models: validation messages, member order, Philips scaling, member exclusion,
+data loading, the foreground mask."""
 
 from __future__ import annotations
 
@@ -12,17 +13,21 @@ import numpy as np
 import pytest
 
 from qmri_bids.errors import BadDataError
+from qmri_bids.qmri.model_store import protocol_hash
+from qmri_bids.qmri.models import IRT1TRModel, MP2RAGEModel, MTSModel, VFAModel
 from qmri_bids.qmri.protocols import (
-    IRT1Protocol,
-    MP2RAGEProtocol,
-    MTSProtocol,
-    VFAProtocol,
     collection_from_paths,
+    foreground_mask,
     load_b1map,
     load_collection_data,
     philips_scale_factors,
-    protocol_from_collection,
+    resample_b1map,
+    resolve_collection,
 )
+
+
+def _model(collection):
+    return resolve_collection(collection).model
 
 
 def _coll(suffix, metas, entities=None):
@@ -33,13 +38,24 @@ def _coll(suffix, metas, entities=None):
 
 
 def test_vfa_protocol_per_member_tr():
-    p = protocol_from_collection(_coll("VFA", [
+    m = _model(_coll("VFA", [
         {"FlipAngle": 6, "RepetitionTimeExcitation": 0.028},
         {"FlipAngle": 20, "RepetitionTime": 0.018}]))
-    assert isinstance(p, VFAProtocol)
-    np.testing.assert_allclose(p.flip_angle_deg, [6, 20])
-    np.testing.assert_allclose(p.repetition_time, [0.028, 0.018])
-    assert p.model().name == "vfa"
+    assert isinstance(m, VFAModel)
+    np.testing.assert_allclose(m.flip_angle_deg, [6, 20])
+    np.testing.assert_allclose(m.tr, [0.028, 0.018])
+
+
+def test_members_in_another_order_are_the_same_protocol():
+    """Members are sorted by the model's order field: same protocol, same hash, and the
+    resolved members follow the model's order (the data are read in that order)."""
+    metas = [{"EchoTime": te, "RepetitionTime": 3.0} for te in (0.03, 0.01, 0.02)]
+    resolved = resolve_collection(_coll("MESE", metas))
+    assert [m.metadata["EchoTime"] for m in resolved.members] == [0.01, 0.02, 0.03]
+    in_order = _model(_coll("MESE", sorted(metas, key=lambda md: md["EchoTime"])))
+    assert resolved.model.to_protocol() == in_order.to_protocol()
+    assert protocol_hash("mese-mono", resolved.model.to_protocol()) == protocol_hash(
+        "mese-mono", in_order.to_protocol())
 
 
 @pytest.mark.parametrize(
@@ -70,7 +86,7 @@ def test_vfa_protocol_per_member_tr():
 )
 def test_bad_protocols_raise_clear_errors(suffix, metas, pattern):
     with pytest.raises(BadDataError, match=pattern):
-        protocol_from_collection(_coll(suffix, metas))
+        resolve_collection(_coll(suffix, metas))
 
 
 def test_mts_roles_from_entities_and_mp2rage_fields():
@@ -78,21 +94,22 @@ def test_mts_roles_from_entities_and_mp2rage_fields():
              {"FlipAngle": 6, "RepetitionTimeExcitation": 0.028},
              {"FlipAngle": 20, "RepetitionTimeExcitation": 0.018}]
     ents = [{"mt": "off"}, {"mt": "on"}, {"mt": "off"}]
-    p = protocol_from_collection(_coll("MTS", metas, ents))
-    assert isinstance(p, MTSProtocol) and p.mt_on.tolist() == [False, True, False]
-    m = p.model()
+    m = _model(_coll("MTS", metas, ents))
+    assert isinstance(m, MTSModel) and m.to_protocol()["mt_on"] == [False, True, False]
     assert (m.index_pd, m.index_mt, m.index_t1) == (0, 1, 2)
+    with pytest.raises(BadDataError, match=r"run-2_MTS.*'MTState' must be true or false"):
+        _model(_coll("MTS", [metas[0], {**metas[1], "MTState": "on"}, metas[2]], ents))
     common = {"RepetitionTimeExcitation": 0.007, "RepetitionTimePreparation": 5.0,
               "NumberShots": 176}
-    mp = protocol_from_collection(_coll("MP2RAGE", [
+    mp = _model(_coll("MP2RAGE", [
         {"InversionTime": 2.5, "FlipAngle": 5, **common},
         {"InversionTime": 0.7, "FlipAngle": 4, **common}]))
-    assert isinstance(mp, MP2RAGEProtocol)
+    assert isinstance(mp, MP2RAGEModel)
     np.testing.assert_allclose(mp.inversion_time, [0.7, 2.5])
     np.testing.assert_allclose(mp.flip_angle_deg, [4, 5])
     assert (mp.n_before, mp.n_after) == (88, 88)
     with pytest.raises(BadDataError, match="infeasible"):
-        protocol_from_collection(_coll("MP2RAGE", [
+        resolve_collection(_coll("MP2RAGE", [
             {"InversionTime": 0.2, "FlipAngle": 5, **common},
             {"InversionTime": 0.7, "FlipAngle": 4, **common}]))
 
@@ -130,8 +147,9 @@ def test_philips_scaling_and_inv19_exclusion_on_phantom(ds_real, caplog):
     assert factors[0] == pytest.approx(1 / (md0["PhilipsRescaleSlope"] * md0["PhilipsScaleSlope"]))
     assert factors.max() / factors.min() > 2  # the 2.4-fold ScaleSlope variation matters
     with caplog.at_level(logging.INFO, logger="qmri_bids.qmri"):
-        data, proto, affine, excluded = load_collection_data(coll)
-    assert isinstance(proto, IRT1Protocol) and len(proto.inversion_time) == 18
+        loaded = load_collection_data(coll)
+    data, model, affine, excluded = loaded.data, loaded.model, loaded.affine, loaded.excluded
+    assert isinstance(model, IRT1TRModel) and len(model.inversion_time) == 18
     assert [p.name for p, _ in excluded] == ["sub-phantom01_inv-19_IRT1.nii.gz"]
     assert "EchoTime" in excluded[0][1] and "PixelBandwidth" in excluded[0][1]
     assert any("inv-19" in r.message and "exclud" in r.message for r in caplog.records)
@@ -145,6 +163,70 @@ def test_philips_scaling_and_inv19_exclusion_on_phantom(ds_real, caplog):
     assert np.allclose(f, f[0])
 
 
+def test_foreground_mask_is_the_bright_object_and_rejects_an_empty_collection():
+    data = np.zeros((6, 6, 1, 2))
+    data[2:4, 2:4] = 100.0
+    data[0, 0] = 5.0  # background noise below 10 % of the object
+    mask = foreground_mask(data)
+    assert mask.sum() == 4 and mask[2:4, 2:4].all()
+    with pytest.raises(BadDataError, match="above the background"):
+        foreground_mask(np.zeros((4, 4, 1, 2)))
+
+
 def test_real_b1map_2d_accepted(ds_real):
     b1 = load_b1map(ds_real / "sub-brain02" / "fmap" / "sub-brain02_TB1map.nii.gz", (128, 128, 1))
     assert b1.shape == (128, 128, 1) and 0.7 < np.median(b1) < 1.3
+
+
+def _nifti(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), str(path))
+    return path
+
+
+def test_a_coarse_b1_map_is_resampled_to_the_images_by_the_affines(tmp_path):
+    """A linear field on a 2x coarser grid (voxel centres between the fine ones) comes back
+    exactly on the fine grid inside the object; its zeros outside do not pull the edge down;
+    voxels with no valid neighbour are nominal (1)."""
+    fine = np.diag([2.0, 2.0, 3.0, 1.0])
+    fine[:3, 3] = (-20.0, 10.0, 5.0)
+    coarse = fine @ np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 1, 0], [0, 0, 0, 1]])
+    ic, jc, kc = np.indices((6, 5, 3), dtype=np.float64)
+    world = np.einsum("ij,jxyz->ixyz", coarse[:3, :3], np.stack([ic, jc, kc])) + coarse[:3, 3,
+                                                                                       None, None,
+                                                                                       None]
+    field = 1.0 + 0.01 * world[0] - 0.004 * world[1] + 0.002 * world[2]
+    b1 = np.where(ic < 5, field, 0.0)  # the last coarse row is outside the object
+    path = _nifti(tmp_path / "b1.nii.gz", b1, coarse)
+    out = resample_b1map(path, (12, 10, 3), fine, target="the VFA collection")
+    i, j, k = np.indices((12, 10, 3), dtype=np.float64)
+    wf = np.einsum("ij,jxyz->ixyz", fine[:3, :3], np.stack([i, j, k])) + fine[:3, 3, None, None,
+                                                                            None]
+    expected = 1.0 + 0.01 * wf[0] - 0.004 * wf[1] + 0.002 * wf[2]
+    # inside the object and away from its edge, linear interpolation of a linear field is exact
+    inner = (i >= 1) & (i <= 8) & (j >= 1) & (j <= 8)
+    np.testing.assert_allclose(out[inner], expected[inner], rtol=1e-6)
+    # at the object's edge: the nearest valid values, never a blend with the zeros outside
+    edge = out[9:11]
+    assert np.all(np.isfinite(edge)) and edge.min() > 0.8 * expected[9:11].min()
+    assert np.all(out[11] == 1.0)  # only invalid neighbours: nominal
+    # the same grid: the same values
+    same = resample_b1map(path, (6, 5, 3), coarse)
+    np.testing.assert_allclose(same[:5], b1[:5], rtol=1e-6)
+
+
+def test_a_single_slice_percent_b1_map_and_one_outside_the_images(tmp_path):
+    affine = np.diag([2.0, 2.0, 5.0, 1.0])
+    path = _nifti(tmp_path / "b1_2d.nii.gz", np.full((4, 4), 110.0), affine)  # percent
+    # a 2-D map covers its slice thickness: the images' two thin slices inside it get it
+    thin = np.diag([2.0, 2.0, 2.0, 1.0])
+    thin[2, 3] = -1.0
+    out = resample_b1map(path, (4, 4, 3), thin)
+    np.testing.assert_allclose(out[..., :2], 1.1, rtol=1e-6)
+    assert np.all(out[..., 2] == 1.0)  # 3 mm from the slice centre: outside its 5 mm slab
+    far = affine.copy()
+    far[:3, 3] = (500.0, 0.0, 0.0)
+    with pytest.raises(BadDataError, match="b1_2d.nii.gz: the B1 map's field of view contains no "
+                                           "voxel of the MRF collection"):
+        resample_b1map(path, (4, 4, 1), far, target="the MRF collection")
+    with pytest.raises(BadDataError, match="^the TB1map of TB1DAM: the B1 map's field of view"):
+        resample_b1map(path, (4, 4, 1), far, source="the TB1map of TB1DAM")

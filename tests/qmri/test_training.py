@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qmri_bids.errors import BadDataError
-from qmri_bids.qmri.estimator import CrbEstimator, default_config, default_prior
+from qmri_bids.qmri.estimator import CrbEstimator, default_config
 from qmri_bids.qmri.models import MESEMonoModel, VFAModel
 from qmri_bids.qmri.training import (
     add_noise,
@@ -25,7 +25,7 @@ FAST = {"batch_size": 256, "pool_size": 8_000}
 
 @pytest.fixture(scope="module")
 def vfa_pool():
-    return make_pool(VFA, default_prior(VFA), 8_000, seed=1)
+    return make_pool(VFA, VFA.default_prior(), 8_000, seed=1)
 
 
 def test_rician_noise_statistics() -> None:
@@ -89,8 +89,8 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 def test_unidentifiable_protocols_are_rejected() -> None:
     with pytest.raises(BadDataError, match="cannot determine"):
-        make_pool(VFAModel([10.0], 0.015), default_prior(VFA), 256, seed=0)
+        make_pool(VFAModel([10.0], 0.015), VFA.default_prior(), 256, seed=0)
     with pytest.raises(BadDataError, match="cannot determine"):
-        make_pool(VFAModel([10.0, 10.0, 10.0], 0.015), default_prior(VFA), 256, seed=0)
+        make_pool(VFAModel([10.0, 10.0, 10.0], 0.015), VFA.default_prior(), 256, seed=0)
     with pytest.raises(BadDataError):
-        make_pool(MESEMonoModel([0.02]), default_prior(MESEMonoModel([0.02])), 256, seed=0)
+        make_pool(MESEMonoModel([0.02]), MESEMonoModel([0.02]).default_prior(), 256, seed=0)

@@ -1,4 +1,4 @@
-"""Helpers of the workflow-level tests (imported as ``_wf_helpers``)."""
+"""Helpers of the workflow-level tests (``tests.workflows._wf_helpers``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from foundation._helpers import cli
+
+from tests.foundation._helpers import cli
 
 
 def participant_run(bids: Path, base: Path, *extra) -> dict:

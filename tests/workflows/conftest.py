@@ -1,20 +1,18 @@
 """Fixtures of the workflow-level tests (participant runs of the demo and of ds-real).
 
 Runs are expensive (a demo participant run takes ~80 s on 2 busy cores), so each module makes
-its run once (module scope) and shares it among several assertions. Helpers: ``_wf_helpers``.
+its run once (module scope) and shares it among several assertions. Helpers: ``_wf_helpers``
+(imported as ``tests.workflows._wf_helpers``); the build-only graph tests
+(``test_wf_build.py``) need no run at all.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # _wf_helpers
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # foundation._helpers
-
-from foundation._helpers import DEMO_SHAPE, DEMO_SPACING
+from tests.foundation._helpers import DEMO_SHAPE, DEMO_SPACING
 
 
 @pytest.fixture(scope="session")

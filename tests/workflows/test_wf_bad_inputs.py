@@ -18,9 +18,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _wf_helpers import copy_subject, load, participant_run
 
 from qmri_bids.errors import EXIT_BAD_DATA
+from tests.workflows._wf_helpers import copy_subject, load, participant_run
 
 pytestmark = pytest.mark.slow
 
@@ -49,7 +49,7 @@ def run1(wf_demo, tmp_path_factory) -> dict:
     copy_subject(wf_demo, bids, "01", "onevfa", ("anat/sub-01_flip-1_VFA.*",
                                                  "anat/sub-01_T1w.*"))
     run = participant_run(bids, base, "--skip-bids-validation")
-    from foundation._helpers import run_log
+    from tests.foundation._helpers import run_log
     run["log"] = run_log(run["work"])
     return run
 
@@ -68,20 +68,15 @@ def run2(wf_demo, tmp_path_factory) -> dict:
     _set_meta(sub / "anat" / "sub-badmodel_flip-2_VFA.json", FlipAngle=18)
     # a shipped-model-like estimator for that protocol: a real card, truncated weights
     from qmri_bids.bids.discovery import discover
-    from qmri_bids.config import RunConfig
-    from qmri_bids.workflows.qmri import estimator_plan
+    from qmri_bids.qmri.plan import plan_collection
 
     model_dir = base / "models"
-    config = RunConfig(bids_dir=bids, output_dir=base / "out", analysis_level="participant",
-                       work_dir=base / "plan", model_dir=model_dir)
-    plans = {i.subject: estimator_plan(config, i.collections[0])
-             for i in discover(bids, base / "plan" / "db", ["b1shape", "badmodel"])}
-    name, protocol, found = plans["badmodel"]
-    assert found is None, f"FlipAngle 3/18 unexpectedly has a model: {found}"
-    from qmri_bids.qmri.model_store import estimator_stem
-
-    stem = estimator_stem(name, protocol)
-    shipped = plans["b1shape"][2]  # the demo protocol's shipped estimator
+    networks = {i.subject: plan_collection(i.collections[0], model_dir=model_dir).network
+                for i in discover(bids, base / "plan" / "db", ["b1shape", "badmodel"])}
+    assert networks["badmodel"].train_on_demand, \
+        f"FlipAngle 3/18 unexpectedly has a model: {networks['badmodel'].weights}"
+    stem = networks["badmodel"].stem
+    shipped = networks["b1shape"].weights  # the demo protocol's shipped estimator
     assert shipped is not None and shipped.parent == SHIPPED_DIR
     model_dir.mkdir()
     shutil.copy(shipped.with_suffix(".json"), model_dir / f"{stem}.json")
@@ -89,7 +84,7 @@ def run2(wf_demo, tmp_path_factory) -> dict:
     run = participant_run(bids, base, "--skip-bids-validation", "--model-dir", model_dir)
     run["stem"] = stem
     run["model_dir"] = model_dir
-    from foundation._helpers import run_log
+    from tests.foundation._helpers import run_log
     run["log"] = run_log(run["work"])
     run["crash"] = {s: "\n".join(p.read_text(errors="replace")
                                  for p in (run["out"] / f"sub-{s}" / "log").rglob("crash*")
@@ -161,17 +156,16 @@ def test_corrupt_model_in_model_dir_is_retrained(run2):
     assert f"{run2['stem']}.safetensors" in run2["log"] and "retrained" in run2["log"]
     assert weights.stat().st_size != 1000
     card = json.loads(weights.with_suffix(".json").read_text())
-    assert card["weights_sha256"] == sha256_file(weights)
+    assert card["sha256"] == sha256_file(weights)
     assert "sub-badmodel_acq-vfa_T1map.nii.gz" in _maps(run2, "badmodel")
 
 
 def test_node_failure_message_names_the_file(wf_demo, tmp_path, monkeypatch):
     """Bad data found inside a node: exit 65 and the node's message (naming the file) on
     stderr, not only in the crash file."""
-    from foundation._helpers import cli
-
     from qmri_bids.errors import BadDataError
     from qmri_bids.qmri import mapping
+    from tests.foundation._helpers import cli
 
     def broken(collection, *args, **kwargs):
         raise BadDataError(f"{collection.members[0].path.name}: injected bad data")

@@ -12,9 +12,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _wf_helpers import copy_subject, participant_run, sidecar
 
+from qmri_bids.bias.weights import DEFAULT_MODEL
 from qmri_bids.errors import EXIT_OK, EXIT_USAGE
+from tests.workflows._wf_helpers import copy_subject, participant_run, sidecar
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -40,7 +41,7 @@ def test_both_writes_four_outputs_with_model_provenance(both_run):
     assert both_run["code"] == EXIT_OK, both_run["stderr"][-3000:]
     anat = both_run["out"] / "sub-brain01" / "anat"
     raw = nib.load(str(both_run["bids"] / "sub-brain01" / "anat" / "sub-brain01_T1w.nii.gz"))
-    shipped = json.loads((MODELS / "bias_cnn_v1.json").read_text())
+    shipped = json.loads((MODELS / f"{DEFAULT_MODEL}.json").read_text())
     for desc in ("cnn", "cnnfield", "n4", "n4field"):
         path = anat / f"sub-brain01_desc-{desc}_T1w.nii.gz"
         assert path.is_file(), path.name
@@ -52,7 +53,7 @@ def test_both_writes_four_outputs_with_model_provenance(both_run):
         meta = sidecar(path)
         assert meta["Sources"] == ["bids:raw:sub-brain01/anat/sub-brain01_T1w.nii.gz"]
         if desc.startswith("cnn"):
-            assert meta["Model"] == "bias_cnn_v1", path.name
+            assert meta["Model"] == DEFAULT_MODEL, path.name
             assert meta["ModelSHA256"] == shipped["sha256"], path.name
     field = np.asarray(nib.load(str(anat / "sub-brain01_desc-cnnfield_T1w.nii.gz")).dataobj)
     lo, hi = sidecar(anat / "sub-brain01_desc-cnn_T1w.nii.gz")["Parameters"]["field_range"]
@@ -61,9 +62,9 @@ def test_both_writes_four_outputs_with_model_provenance(both_run):
 
 
 def test_shipped_weights_match_their_card():
-    from qmri_bids.qmri.model_store import sha256_file
+    from qmri_bids.artifacts import sha256_file
 
-    card = json.loads((MODELS / "bias_cnn_v1.json").read_text())
+    card = json.loads((MODELS / f"{DEFAULT_MODEL}.json").read_text())
     assert sha256_file(MODELS / card["weights_file"]) == card["sha256"]
 
 
@@ -82,7 +83,7 @@ def test_default_run_corrects_every_anatomical_image_with_the_cnn(default_run):
             if not path.is_file():
                 missing.append(path.name)
                 continue
-            assert sidecar(path)["Model"] == "bias_cnn_v1"
+            assert sidecar(path)["Model"] == DEFAULT_MODEL
             assert nib.load(str(path)).shape == nib.load(str(raw)).shape
         # default: the CNN only, no N4
         assert not list(anat.glob(f"*desc-n4*_{m['suffix']}.nii.gz"))

@@ -29,9 +29,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from _wf_helpers import load, participant_run, sidecar
 
 from qmri_bids.errors import EXIT_OK
+from tests.workflows._wf_helpers import load, participant_run, sidecar
 
 pytestmark = pytest.mark.slow
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _wf_helpers import load, participant_run, sidecar
 
 from qmri_bids.errors import EXIT_OK
+from tests.workflows._wf_helpers import load, participant_run, sidecar
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""Estimator lookup by protocol hash: the shipped model for the demo's VFA protocol; a new model
-to train (no file) once one flip angle changes."""
+"""Estimator lookup by protocol hash (the collection's plan): the shipped model for the demo's VFA
+protocol; a new model to train (no file) once one flip angle changes."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from qmri_bids.config import RunConfig
 
 
 def _vfa_collection(bids: Path, db: Path):
@@ -27,17 +25,17 @@ def vfa_copy(wf_demo, tmp_path) -> Path:
     return dst
 
 
-def _config(bids: Path, tmp_path: Path) -> RunConfig:
-    return RunConfig(bids_dir=bids, output_dir=tmp_path / "out", analysis_level="participant",
-                     work_dir=tmp_path / "work", model_dir=tmp_path / "models")
+def _network(collection, tmp_path: Path):
+    from qmri_bids.qmri.plan import plan_collection
+
+    network = plan_collection(collection, model_dir=tmp_path / "models").network
+    return network.model_name, network.protocol, network.weights
 
 
 def test_unchanged_protocol_finds_shipped_model(vfa_copy, tmp_path):
     from qmri_bids.qmri.model_store import SHIPPED_DIR
-    from qmri_bids.workflows.qmri import estimator_plan
 
-    name, protocol, found = estimator_plan(_config(vfa_copy, tmp_path),
-                                           _vfa_collection(vfa_copy, tmp_path / "db"))
+    name, protocol, found = _network(_vfa_collection(vfa_copy, tmp_path / "db"), tmp_path)
     assert name == "vfa"
     assert found is not None and found.parent == SHIPPED_DIR
     card = json.loads(found.with_suffix(".json").read_text())
@@ -47,16 +45,13 @@ def test_unchanged_protocol_finds_shipped_model(vfa_copy, tmp_path):
 
 def test_changed_flip_angle_needs_training(vfa_copy, tmp_path):
     from qmri_bids.qmri.model_store import estimator_stem
-    from qmri_bids.workflows.qmri import estimator_plan
 
-    config = _config(vfa_copy, tmp_path)
-    _, shipped_protocol, shipped = estimator_plan(config,
-                                                  _vfa_collection(vfa_copy, tmp_path / "db0"))
+    _, shipped_protocol, shipped = _network(_vfa_collection(vfa_copy, tmp_path / "db0"), tmp_path)
     side = vfa_copy / "sub-01" / "anat" / "sub-01_flip-2_VFA.json"
     meta = json.loads(side.read_text())
     meta["FlipAngle"] = 18
     side.write_text(json.dumps(meta))
-    name, protocol, found = estimator_plan(config, _vfa_collection(vfa_copy, tmp_path / "db1"))
+    name, protocol, found = _network(_vfa_collection(vfa_copy, tmp_path / "db1"), tmp_path)
     assert name == "vfa"
     assert found is None, f"a changed protocol must not reuse {found}"
     assert sorted(protocol["flip_angle_deg"]) == [3.0, 18.0]

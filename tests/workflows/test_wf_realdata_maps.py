@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _wf_helpers import copy_subject, load, participant_run_subprocess, sidecar
 
 from qmri_bids.errors import EXIT_OK
+from tests.workflows._wf_helpers import copy_subject, load, participant_run_subprocess, sidecar
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
@@ -62,18 +62,16 @@ def _card_of(meta: dict, model_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def train_bids(ds_real, tmp_path_factory) -> Path:
     from qmri_bids.bids.discovery import discover
-    from qmri_bids.config import RunConfig
-    from qmri_bids.workflows.qmri import estimator_plan
+    from qmri_bids.qmri.plan import plan_collection
 
     base = tmp_path_factory.mktemp("wf_train_ds")
     bids = base / "ds"
     keep = [f"anat/sub-phantom01_inv-{i}_IRT1.*" for i in range(1, 20) if i != 18]
     copy_subject(ds_real, bids, "phantom01", "phantom01", tuple(keep))
-    config = RunConfig(bids_dir=bids, output_dir=base / "o", analysis_level="participant",
-                       work_dir=base / "w", model_dir=base / "m")
     (inputs,) = discover(bids, base / "db", ["phantom01"])
-    name, _, found = estimator_plan(config, inputs.collections[0])
-    assert name.startswith("irt1") and found is None, f"protocol unexpectedly shipped: {found}"
+    network = plan_collection(inputs.collections[0], model_dir=base / "m").network
+    assert network.model_name.startswith("irt1") and network.train_on_demand, \
+        f"protocol unexpectedly shipped: {network.weights}"
     return bids
 
 
@@ -102,19 +100,19 @@ def test_exit_ok(real_maps):
 
 
 def test_trained_model_in_model_dir_with_card(trained_run, model_dir):
-    from qmri_bids.qmri.model_store import sha256_file
+    from qmri_bids.artifacts import sha256_file
 
     assert trained_run["code"] == EXIT_OK, trained_run["stderr"][-3000:]
     (weights,) = _trained(model_dir)
     card = json.loads(weights.with_suffix(".json").read_text())
     assert weights.stem == f"{card['model']}-{card['protocol_hash']}"
-    assert card["weights_sha256"] == sha256_file(weights)
+    assert card["sha256"] == sha256_file(weights) and card["format_version"] == 2
     assert card["loss"] == "crb"
     assert 2.0 in card["protocol"]["inversion_time"] or 1.7 in card["protocol"]["inversion_time"]
     assert 1.8 not in card["protocol"]["inversion_time"]
     meta = sidecar(trained_run["out"] / PHANTOM_T1)
     assert meta["Estimator"]["Name"] == weights.stem
-    assert meta["Estimator"]["SHA256"] == card["weights_sha256"]
+    assert meta["Estimator"]["SHA256"] == card["sha256"]
     assert list(trained_run["work"].rglob("train_estimator_wf"))  # the training node ran
     t1 = load(trained_run["out"] / PHANTOM_T1)
     assert np.isfinite(t1).all() and (t1 > 0).sum() > 1000

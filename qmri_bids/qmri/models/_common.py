@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
+
+from qmri_bids.qmri import sidecar
+from qmri_bids.qmri.base import SignalModel, floats
 
 ArrayLike = Sequence[float] | np.ndarray | torch.Tensor | float
 
@@ -32,3 +36,24 @@ def b1_factor(b1: torch.Tensor | float | None, params: torch.Tensor) -> torch.Te
 
 
 DEG = math.pi / 180.0
+
+
+class EchoTrainModel(SignalModel):
+    """Base of the models of one echo train (a member per echo at ``echo_time``, in s): the
+    protocol is the echo times, read from the members' ``EchoTime``."""
+
+    order_field = "EchoTime"
+    varying_fields = frozenset({"EchoTime"})
+
+    def __init__(self, echo_time: ArrayLike) -> None:
+        self.echo_time = as_protocol_tensor(echo_time)
+
+    def to_protocol(self) -> dict[str, Any]:
+        return {"echo_time": floats(self.echo_time)}
+
+    @classmethod
+    def from_sidecars(cls, members: Sequence[sidecar.Member]) -> EchoTrainModel:
+        sidecar.require_members(members, 2, cls.collection.suffix)
+        te = sidecar.numbers(members, "EchoTime")
+        sidecar.require_variation(members, "EchoTime", te)
+        return cls(te)

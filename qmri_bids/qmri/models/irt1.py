@@ -14,12 +14,22 @@ starts a Levenberg–Marquardt refinement of the magnitude model.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
-from qmri_bids.qmri.base import ParameterSpec, SignalModel
+from qmri_bids.qmri import sidecar
+from qmri_bids.qmri.base import (
+    CollectionSpec,
+    ParameterSpec,
+    ProtonDensitySpec,
+    SignalModel,
+    floats,
+)
 from qmri_bids.qmri.models._common import ArrayLike, as_protocol_tensor, like
+from qmri_bids.qmri.models.vfa import M0_OUTPUT, T1_OUTPUT, T1_PRIOR
+from qmri_bids.qmri.prior import T1_BRAIN_SOURCES, ParameterPrior, PriorRange
 
 T1_GRID_SIZE = 200
 _CHUNK = 2048  # voxels per chunk in the grid search; bounds memory to ~100 MB
@@ -73,10 +83,43 @@ class IRT1Model(SignalModel):
         ParameterSpec("b", "a.u.", -float("inf"), float("inf"), nuisance=True),
         ParameterSpec("T1", "s", 1e-2, 10.0),
     )
+    collection = CollectionSpec("IRT1", ("inv",), ("InversionTime",),
+                                description="inversion recovery (T1)")
+    outputs = (T1_OUTPUT,)
+    order_field = "InversionTime"
+    varying_fields = frozenset({"InversionTime"})
 
     def __init__(self, inversion_time: ArrayLike, magnitude: bool = True) -> None:
         self.inversion_time = as_protocol_tensor(inversion_time)
         self.magnitude = magnitude
+
+    def to_protocol(self) -> dict[str, Any]:
+        return {"inversion_time": floats(self.inversion_time), "magnitude": bool(self.magnitude)}
+
+    @classmethod
+    def from_sidecars(cls, members: Sequence[sidecar.Member]) -> IRT1Model | IRT1TRModel:
+        """The TR-aware 2-parameter model when all members share a RepetitionTime, else
+        Barral's 3-parameter one. Why: with TR known, the 2-parameter model is much better
+        conditioned for short T1s (ds-real phantom: 9/9 measurable spheres within 6 % of the
+        reference vs 20 % error for the 121 ms sphere with Barral's); Barral's model stays the
+        choice without TR."""
+        sidecar.require_members(members, 3, "IRT1")  # three parameters (a, b, T1)
+        ti = sidecar.numbers(members, "InversionTime")
+        sidecar.require_variation(members, "InversionTime", ti)
+        trs = [sidecar.repetition_time(m, False, False) for m in members]
+        if trs and all(t is not None and t == trs[0] for t in trs):
+            return IRT1TRModel(ti, trs[0])
+        return cls(ti)
+
+    def default_prior(self) -> ParameterPrior:
+        return ParameterPrior(
+            self.name, (PriorRange("b", -2.2, -1.0, False, "ratio b/a"), T1_PRIOR), "a", ("b",),
+            None,
+            T1_BRAIN_SOURCES + " b/a -2.2 to -1.0: S = M0(1 - 2k e^(-TI/T1) + e^(-TR/T1)) gives "
+            "b/a = -2k/(1 + e^(-TR/T1)): -2 for a perfect inversion (k = 1) with full recovery, "
+            "towards -1 for a short TR or poor inversion (Barral et al., MRM 2010;64:1057); "
+            "-2.2 leaves room for slice-profile/readout effects. NLLS on ds-real sub-brain03 "
+            "gives a median b/a of -2.02 (noise spreads it to -3.6...-1.1).")
 
     def forward(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         ti = like(self.inversion_time, params)
@@ -104,11 +147,24 @@ class IRT1TRModel(SignalModel):
         ParameterSpec("M0", "a.u.", 0.0, float("inf"), nuisance=True),
         ParameterSpec("T1", "s", 1e-2, 10.0),
     )
+    # Built by IRT1Model.from_sidecars when the IRT1 collection's TR is known.
+    outputs = (T1_OUTPUT, M0_OUTPUT)
+    # M0 = PD x receive field (Barral's a, b are not): mapping adds the PDmap (qmri.receive)
+    proton_density = ProtonDensitySpec()
+    order_field = "InversionTime"
+    varying_fields = frozenset({"InversionTime"})
 
     def __init__(self, inversion_time: ArrayLike, tr: float, magnitude: bool = True) -> None:
         self.inversion_time = as_protocol_tensor(inversion_time)
         self.tr = float(tr)
         self.magnitude = magnitude
+
+    def to_protocol(self) -> dict[str, Any]:
+        return {"inversion_time": floats(self.inversion_time), "tr": float(self.tr),
+                "magnitude": bool(self.magnitude)}
+
+    def default_prior(self) -> ParameterPrior:
+        return ParameterPrior(self.name, (T1_PRIOR,), "M0", (), None, T1_BRAIN_SOURCES)
 
     def forward(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         ti = like(self.inversion_time, params)

@@ -29,14 +29,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from qmri_bids.qmri import epg
 from qmri_bids.qmri.base import ParameterSpec, SignalModel
+from qmri_bids.qmri.models.mese import T2_OUTPUT, T2_PRIOR
+from qmri_bids.qmri.models.vfa import M0_OUTPUT
+from qmri_bids.qmri.prior import ParameterPrior, PriorRange
+
+if TYPE_CHECKING:
+    from qmri_bids.qmri.dictionary import DictionaryGrid
 
 __all__ = ["MESEEPG"]
+
+#: range of a known B1 (TB1map) the network of the B1-input variant is trained over
+KNOWN_B1_RANGE = (0.6, 1.4)
 
 #: B1 values tried by :meth:`MESEEPG.initial_guess` (the <= 1 branch, see the module docstring)
 B1_CANDIDATES = (0.55, 0.65, 0.75, 0.85, 0.95)
@@ -60,6 +70,10 @@ class MESEEPG(SignalModel):
 
     name = "mese-epg"
     is_complex = False
+    # The estimation model of CPMG MESE collections (MESEMonoModel.estimation_model) and their
+    # dictionary model, not an entry point of discovery.
+    outputs = (T2_OUTPUT, M0_OUTPUT)
+    estimators = ("nn", "nlls", "dict")
 
     def __init__(
         self,
@@ -92,6 +106,40 @@ class MESEEPG(SignalModel):
         if self.estimate_b1:
             params.append(ParameterSpec("B1", "", 0.3, 1.7))
         self.parameters = tuple(params)
+
+    def to_protocol(self) -> dict[str, Any]:
+        return {"echo_spacing": self.echo_spacing, "n_echoes": self.n_echoes, "t1": self.t1,
+                "refocus_deg": self.refocus_deg, "excitation_deg": self.excitation_deg,
+                "b1_scales_excitation": self.b1_scales_excitation,
+                "estimate_b1": self.estimate_b1, "n_states": self.n_states}
+
+    def default_prior(self) -> ParameterPrior:
+        """T2 as the mono-exponential model. Without a B1 map, B1 is estimated on its <= 1
+        branch (0.5-1.0: the train is symmetric in B1 about 1 at a nominal 180 deg, so a prior
+        across 1 would ask the network to tell apart signals that are identical); with a map,
+        the known B1 is a network input over 0.6-1.4."""
+        if self.estimate_b1:
+            return ParameterPrior(self.name, (T2_PRIOR, PriorRange("B1", 0.5, 1.0, False, "")),
+                                  "M0", (), None,
+                                  "T2 as mese-mono; B1 (refocusing efficiency) 0.5-1.0, the "
+                                  "branch below 1 of the B1 symmetry of a 180 deg CPMG train.")
+        return ParameterPrior(self.name, (T2_PRIOR,), "M0", (), KNOWN_B1_RANGE,
+                              "T2 as mese-mono; the known relative B1+ (TB1map) 0.6-1.4 is a "
+                              "network input (1 when no map is given).")
+
+    def dictionary(self, b1: np.ndarray | None, mask: np.ndarray
+                   ) -> tuple[SignalModel, DictionaryGrid, bool]:
+        """EPG dictionary on T2 x B1. Without a map B1 is a grid axis that is matched (the <= 1
+        branch); with a map each voxel is matched against the atoms of its own B1 (grid step
+        0.02 over the map's range)."""
+        from qmri_bids.qmri.dictionary import default_mese_epg_grid
+
+        if self.estimate_b1 or b1 is None:
+            return (MESEEPG(**{**self.to_protocol(), "estimate_b1": True}),
+                    default_mese_epg_grid(), False)
+        lo, hi = np.nanpercentile(b1[mask], [0.5, 99.5])
+        axis = np.round(np.arange(np.floor(lo * 50) / 50, np.ceil(hi * 50) / 50 + 1e-9, 0.02), 4)
+        return self, default_mese_epg_grid(b1=axis), True
 
     @classmethod
     def from_echo_times(cls, echo_times: Sequence[float], **kwargs: object) -> MESEEPG:

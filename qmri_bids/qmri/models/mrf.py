@@ -30,18 +30,29 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from qmri_bids.errors import BadDataError
 from qmri_bids.qmri import epg
-from qmri_bids.qmri.base import ParameterSpec, SignalModel
+from qmri_bids.qmri.base import CollectionSpec, ParameterSpec, SignalModel, floats
+from qmri_bids.qmri.models.mese import T2_OUTPUT
+from qmri_bids.qmri.models.vfa import M0_OUTPUT, T1_OUTPUT
+from qmri_bids.qmri.prior import ParameterPrior, PriorRange
+
+if TYPE_CHECKING:
+    from qmri_bids.qmri.dictionary import DictionaryGrid
+    from qmri_bids.qmri.sidecar import Member
+
+log = logging.getLogger("qmri_bids.qmri")
 
 __all__ = [
     "DEFAULT_MRF_STATES",
@@ -55,6 +66,9 @@ __all__ = [
     "write_default_schedule",
     "write_mrf_series",
 ]
+
+#: range of the known relative B1+ the MRF network is trained over (an input of the network)
+MRF_B1_RANGE = (0.6, 1.4)
 
 #: default number of EPG orders kept by :class:`MRFModel` (see module docstring)
 DEFAULT_MRF_STATES = 48
@@ -382,6 +396,19 @@ class MRFModel(SignalModel):
 
     name = "mrf"
     is_complex = True
+    # This project's convention (MRF_CONVENTION.md): a part-mag/part-phase (or real/imag) pair
+    # per series, the schedule as sidecar arrays or a _mrfschedule.tsv beside the images.
+    collection = CollectionSpec("MRF", ("part",),
+                                ("FlipAngle", "RepetitionTimeExcitation", "EchoTime"),
+                                description="MR fingerprinting (T1, T2, M0)",
+                                array_fields=("FlipAngle", "RepetitionTimeExcitation",
+                                              "EchoTime"),
+                                image_ndim=4)
+    outputs = (T1_OUTPUT, T2_OUTPUT, M0_OUTPUT)
+    # Dictionary matching is the field's reference method (Ma et al., Nature 2013).
+    estimators = ("nn", "nlls", "dict")
+    # The members are the two parts of one complex series: nothing to compare between them.
+    compare_members = False
 
     def __init__(
         self,
@@ -416,6 +443,93 @@ class MRFModel(SignalModel):
     @property
     def n_timepoints(self) -> int:
         return self.schedule.n_timepoints
+
+    def to_protocol(self) -> dict[str, Any]:
+        s = self.schedule
+        return {"schedule": {"flip_angle_deg": floats(s.flip_angle_deg), "tr": floats(s.tr),
+                             "te": floats(s.te), "rf_phase_deg": floats(s.rf_phase_deg),
+                             "inversion_time": s.inversion_time},
+                "estimate_b1": bool(self.estimate_b1), "n_states": int(self.n_states)}
+
+    @classmethod
+    def from_protocol(cls, protocol: Mapping[str, Any]) -> MRFModel:
+        return cls(MRFSchedule(**protocol["schedule"]), estimate_b1=protocol["estimate_b1"],
+                   n_states=protocol["n_states"])
+
+    @classmethod
+    def from_sidecars(cls, members: Sequence[Member]) -> MRFModel:
+        """The schedule of the series (its first part); B1 is not estimated: a TB1map, when
+        given, is a known input."""
+        first = members[0]
+        try:
+            schedule = read_mrf_schedule(first.path, first.metadata)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise BadDataError(f"{Path(first.path).name}: cannot read the MRF schedule ({exc})"
+                               ) from exc
+        return cls(schedule, estimate_b1=False)
+
+    @classmethod
+    def members_problem(cls, members: Sequence[Member]) -> tuple[Path, str] | None:
+        parts = {m.entities.get("part") for m in members}
+        if parts not in ({"mag", "phase"}, {"real", "imag"}):
+            return members[0].path, ("an MRF series needs a part-mag/part-phase (or "
+                                     f"part-real/part-imag) pair, found parts {sorted(parts)}")
+        return None
+
+    @classmethod
+    def field_supplied_elsewhere(cls, member: Member, key: str) -> bool:
+        """The schedule fields may live in ``<prefix>_mrfschedule.tsv`` instead of the sidecar."""
+        return key in cls.collection.array_fields and schedule_tsv_path(member.path).is_file()
+
+    @classmethod
+    def read_images(cls, members: Sequence[Member]) -> tuple[np.ndarray, np.ndarray]:
+        """The complex series ``[X, Y, Z, T]`` of the pair (non-finite values set to 0)."""
+        first = members[0]
+        try:
+            data, affine, _ = load_mrf_series(first.path, first.metadata)
+        except (ValueError, KeyError, OSError) as exc:
+            raise BadDataError(f"{first.path}: cannot read the MRF series ({exc})") from exc
+        finite = np.isfinite(data)
+        if not finite.all():
+            log.warning("%s: %d non-finite values set to 0", Path(first.path).name,
+                        int((~finite).sum()))
+            data = np.where(finite, data, 0)
+        return data, affine
+
+    def default_prior(self) -> ParameterPrior:
+        ranges = [PriorRange("T1", 0.1, 4.0, True, "s"), PriorRange("T2", 0.01, 2.0, True, "s")]
+        if self.estimate_b1:
+            ranges.append(PriorRange("B1", 0.7, 1.3, False, ""))
+        # A known B1 (the TB1map) is a network input unless B1 is estimated: the FISP signal
+        # depends on the flip angles so strongly that a B1-blind network is biased wherever B1
+        # differs from 1 (the demo's WM T2 came out -13 % at B1 0.8-1.2).
+        return ParameterPrior(
+            self.name, tuple(ranges), "complex", (), None if self.estimate_b1 else MRF_B1_RANGE,
+            "MRF T1 0.1-4 s, T2 0.01-2 s log-uniform with T2 <= T1 (the dictionary ranges of "
+            "Jiang et al., MRM 2015;74:1621 and of Zhang et al. 2022); B1 0.7-1.3 when "
+            "estimated, else the known relative B1+ 0.6-1.4 is a network input (head at 3 T: "
+            "0.7-1.3, Sacolick et al., MRM 2010;63:1315, widened for body and 7 T; 1 when no "
+            "map is given); M0 complex with a uniform phase.",
+            constraint="T2<=T1")
+
+    def derived_maps(self, values: dict[str, np.ndarray], data: np.ndarray,
+                     b1: np.ndarray | None, mask: np.ndarray) -> dict[str, np.ndarray]:
+        """|M0| from its real and imaginary parts (the phase is the receiver's, not tissue)."""
+        if "M0_re" in values and "M0_im" in values:
+            return {**values, "M0": np.hypot(values["M0_re"], values["M0_im"])}
+        return values
+
+    def dictionary(self, b1: np.ndarray | None, mask: np.ndarray
+                   ) -> tuple[SignalModel, DictionaryGrid, bool]:
+        """The model itself on T1 x T2; with a TB1map each voxel is matched against the atoms of
+        its B1 (grid step 0.05: under 2.5 % flip-angle error), else B1 = 1 is assumed."""
+        from qmri_bids.qmri.dictionary import default_mrf_grid
+
+        b1_axis = None
+        if b1 is not None:
+            lo, hi = np.nanpercentile(b1[mask], [0.5, 99.5])
+            b1_axis = np.arange(np.floor(lo * 20) / 20, np.ceil(hi * 20) / 20 + 1e-9, 0.05)
+        return self, default_mrf_grid(b1=b1_axis), b1 is not None
 
     def fingerprint(
         self, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor | None = None

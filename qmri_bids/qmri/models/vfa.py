@@ -8,10 +8,28 @@ protocol acquired with TR 28 and 18 ms), which is why it is stored per flip angl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-from qmri_bids.qmri.base import ParameterSpec, SignalModel
+from qmri_bids.qmri import sidecar
+from qmri_bids.qmri.base import (
+    CollectionSpec,
+    MapSpec,
+    ParameterSpec,
+    ProtonDensitySpec,
+    SignalModel,
+    floats,
+)
 from qmri_bids.qmri.models._common import DEG, ArrayLike, as_protocol_tensor, b1_factor, like
+from qmri_bids.qmri.prior import B1_RANGE, B1_SOURCES, T1_BRAIN_SOURCES, ParameterPrior, PriorRange
+
+#: T1 map with its reciprocal, shared by every T1 model
+T1_OUTPUT = MapSpec("T1", "T1map", "s", ("R1map", "1/s"))
+M0_OUTPUT = MapSpec("M0", "M0map", "arbitrary")
+#: T1 prior shared by the T1 models (log-uniform over brain tissue at 1.5-7 T)
+T1_PRIOR = PriorRange("T1", 0.2, 5.0, True, "s")
 
 
 class VFAModel(SignalModel):
@@ -20,10 +38,32 @@ class VFAModel(SignalModel):
         ParameterSpec("M0", "a.u.", 0.0, float("inf"), nuisance=True),
         ParameterSpec("T1", "s", 1e-3, 10.0),
     )
+    collection = CollectionSpec("VFA", ("flip",), ("FlipAngle", "RepetitionTimeExcitation"),
+                                description="variable flip angle SPGR (T1, M0)")
+    outputs = (T1_OUTPUT, M0_OUTPUT)
+    # M0 = PD x receive field: mapping adds the receive-corrected PDmap (qmri.receive)
+    proton_density = ProtonDensitySpec()
+    order_field = "FlipAngle"
+    varying_fields = frozenset({"FlipAngle", "RepetitionTime", "RepetitionTimeExcitation"})
 
     def __init__(self, flip_angle_deg: ArrayLike, tr: ArrayLike) -> None:
         self.flip_angle_deg = as_protocol_tensor(flip_angle_deg)
         self.tr = torch.broadcast_to(as_protocol_tensor(tr), self.flip_angle_deg.shape).clone()
+
+    def to_protocol(self) -> dict[str, Any]:
+        return {"flip_angle_deg": floats(self.flip_angle_deg), "tr": floats(self.tr)}
+
+    @classmethod
+    def from_sidecars(cls, members: Sequence[sidecar.Member]) -> VFAModel:
+        sidecar.require_members(members, 2, "VFA")
+        fa = sidecar.numbers(members, "FlipAngle")
+        tr = [sidecar.repetition_time(m, True, True) for m in members]
+        sidecar.require_variation(members, "FlipAngle", fa)
+        return cls(fa, tr)
+
+    def default_prior(self) -> ParameterPrior:
+        return ParameterPrior(self.name, (T1_PRIOR,), "M0", (), B1_RANGE,
+                              T1_BRAIN_SOURCES + " " + B1_SOURCES)
 
     def forward(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         m0, t1 = params[..., 0:1], params[..., 1:2]
