@@ -51,6 +51,9 @@ class RunConfig:
     plugin_args: dict[str, Any] = field(default_factory=dict)
     write_graph: bool = False
     verbose: int = 0
+    clean_workdir: bool = False
+    resource_monitor: bool = False
+    roi_dseg: Path | None = None
     run_id: str = field(default_factory=make_run_id)
     version: str = __version__
 

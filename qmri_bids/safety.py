@@ -187,7 +187,8 @@ def probe_space(label: str, folder: Path, size: int = PROBE_BYTES) -> None:
 def private_tmpdir(work_dir: Path, run_id: str) -> Iterator[Path]:
     """A private (0700) ``<work>/tmp/<run id>`` as the temporary folder of this run.
 
-    ``TMPDIR`` (and ``TEMP``/``TMP``) point at it while the block runs, and ``tempfile``'s cache
+    ``TMPDIR`` (and ``TEMP``/``TMP``) point at it while the block runs (and ``MPLCONFIGDIR``
+    at ``<work>/cache/matplotlib``), and ``tempfile``'s cache
     is reset, so this process, its workers (forked with this environment) and libraries that ask
     ``tempfile`` (torch's compile cache, nibabel, SQLite) write there instead of a shared
     ``/tmp``. The folder is removed afterwards; the environment is restored. Each run holds a
@@ -223,9 +224,14 @@ def private_tmpdir(work_dir: Path, run_id: str) -> Iterator[Path]:
         shutil.rmtree(other, ignore_errors=True)
         LOGGER.info("removed the temporary folder %s of a run that ended without cleaning up",
                     other)
-    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TEMP", "TMP")}
-    for key in saved:
+    saved = {k: os.environ.get(k) for k in ("TMPDIR", "TEMP", "TMP", "MPLCONFIGDIR")}
+    for key in ("TMPDIR", "TEMP", "TMP"):
         os.environ[key] = str(folder)
+    # matplotlib (the reports) would otherwise write its config and font cache into HOME;
+    # in the work dir the font cache is kept from one run to the next.
+    mpl_dir = Path(work_dir) / "cache" / "matplotlib"
+    mpl_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["MPLCONFIGDIR"] = str(mpl_dir)
     tempfile.tempdir = None  # tempfile caches its choice: forget it
     try:
         yield folder

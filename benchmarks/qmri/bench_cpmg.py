@@ -93,7 +93,7 @@ def main() -> int:
     for r in rows:
         t = r["T2_true_ms"] / 1e3
 
-        def e(v: float) -> str:
+        def e(v: float, t: float = t) -> str:
             return f"{100 * (v / t - 1):+.1f}"
 
         m, g = r["mono_data"], r["epg_data"]

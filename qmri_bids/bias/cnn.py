@@ -91,9 +91,12 @@ class FusionConfig:
     min_half_wavelength_mm: float = 30.0  # no cosine finer than this (physical smoothness prior)
     ridge: float = 1e-2  # ridge weight, times (1 + |k|^2)
     min_inplane: int = 16  # acquired voxels needed along both in-plane axes to use an orientation
-    max_slices: int = 12  # per orientation (evenly spaced); the field is smooth across slices
+    # Slices per orientation and in-plane transforms: 8 slices x 2 transforms is as accurate on
+    # the demo's known fields as 12 x 8 (corr 0.94 vs 0.92) at a quarter of the time (measured
+    # for bias_cnn_v2, see the README); the field is smooth across slices.
+    max_slices: int = 8  # per orientation (evenly spaced)
     min_foreground: float = 0.02  # fraction of the slice that must be foreground
-    n_transforms: int = 8  # rotations/reflections averaged per slice (1, 2, 4 or 8)
+    n_transforms: int = 2  # rotations/reflections averaged per slice (1, 2, 4 or 8)
     mask_factor: int = 1  # the foreground mask is found on a grid this much finer than the net's
 
     @classmethod

@@ -42,6 +42,9 @@ PATH_PATTERNS = [
      "[_desc-{desc}]_{suffix}{extension<.nii|.nii.gz|.json|.tsv|.html|.svg|.png>|.nii.gz}"),
 ]
 
+# B1 maps go to fmap/ (BIDS: TB1map and RB1map are field-map suffixes; anat/ admits neither).
+FMAP_SUFFIXES = frozenset({"TB1map", "RB1map"})
+
 # Entities of the source file that derivative names inherit.
 INHERITED_ENTITIES = ("subject", "session", "acquisition", "ceagent", "reconstruction", "run",
                       "echo", "flip", "inv", "mt", "part")
@@ -61,7 +64,8 @@ def derivative_path(
 
     entities = {k: v for k, v in source_entities.items()
                 if k in INHERITED_ENTITIES and k not in drop and v is not None}
-    entities.update({"suffix": suffix, "extension": extension, "datatype": "anat", **extra})
+    datatype = "fmap" if suffix in FMAP_SUFFIXES else "anat"
+    entities.update({"suffix": suffix, "extension": extension, "datatype": datatype, **extra})
     if desc:
         entities["desc"] = desc
     rel = build_path(entities, PATH_PATTERNS, strict=False)

@@ -19,6 +19,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(64, f"{self.prog}: error: {message}\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a default only where there is one and the help text does not already say it
+    (argparse's ArgumentDefaultsHelpFormatter prints "(default: None)" after every flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS)
+                and "default" not in text and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _both_spellings(*names: str) -> list[str]:
     """``--participant-label`` and ``--participant_label`` both work, as in fMRIPrep."""
     out = []
@@ -59,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
             "quantitative MRI mapping (CRB-trained networks) of a BIDS dataset. Other commands: "
             "'qmri-bids demo DIR' writes a demo dataset; 'qmri-bids train ...' trains models."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("bids_dir", type=Path, help="root of the input BIDS dataset")
     parser.add_argument("output_dir", type=Path, help="where the derivatives are written")
@@ -115,6 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
                      dest="stop_on_first_crash", help="stop at the first node that fails")
     res.add_argument(*_both_spellings("--write-graph"), action="store_true", dest="write_graph",
                      help="write the workflow graph (dot/png) into the work dir")
+    res.add_argument(*_both_spellings("--clean-workdir"), action="store_true",
+                     dest="clean_workdir",
+                     help="delete this run's Nipype work folder after a successful run (the "
+                          "trained-estimator cache in --model-dir is kept)")
+    res.add_argument(*_both_spellings("--resource-monitor"), action="store_true",
+                     dest="resource_monitor",
+                     help="measure each node's memory and CPU (Nipype's resource monitor); "
+                          "the peaks appear in the report's timing table")
+    res.add_argument(*_both_spellings("--config-file"), type=Path, dest="config_file",
+                     metavar="FILE",
+                     help="a config.json of an earlier run (sub-<label>/log/<run>/config.json): "
+                          "its settings are the defaults, the flags given here win")
     res.add_argument("-v", "--verbose", action="count", default=0,
                      help="more log output (-vv for debug)")
+
+    rep = parser.add_argument_group("reports")
+    rep.add_argument(*_both_spellings("--reports-only"), action="store_true",
+                     dest="reports_only",
+                     help="only (re)build sub-<label>.html, the IQM tables and logs/CITATION.* "
+                          "from an existing output folder; nothing is recomputed")
+    rep.add_argument(*_both_spellings("--boilerplate-only"), action="store_true",
+                     dest="boilerplate_only",
+                     help="only write the methods text (logs/CITATION.{md,bib,html}) of what "
+                          "this command would run; nothing is run")
+    rep.add_argument(*_both_spellings("--roi-dseg"), type=Path, dest="roi_dseg", metavar="FILE",
+                     help="a label image (dseg, with its .tsv of names) for per-region map "
+                          "statistics in reports and group tables; default: a dseg found in "
+                          "the derivatives")
+    rep.add_argument("--notrack", action="store_true",
+                     help="accepted for fMRIPrep compatibility; qmri-bids never sends anything "
+                          "anywhere, so there is nothing to turn off")
     return parser

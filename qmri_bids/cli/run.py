@@ -17,6 +17,7 @@ import math
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -63,8 +64,45 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: train_main(argv[1:]))
     from qmri_bids.cli.parser import build_parser
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config_file is not None:
+        return _guarded(lambda: run_app(_with_saved_config(parser, argv, args.config_file)))
     return _guarded(lambda: run_app(args))
+
+
+def _with_saved_config(parser, argv: list[str], path: Path):
+    """``--config-file``: a saved ``config.json`` supplies the defaults (fMRIPrep style); the
+    flags on this command line win. Positional arguments are always this command's."""
+    from qmri_bids.config import RunConfig
+
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except OSError as exc:
+        raise MissingInputError(f"--config-file {path}: cannot read it ({exc.strerror})") from exc
+    try:
+        saved = RunConfig.from_json(text)
+    except UsageError as exc:
+        raise UsageError(f"--config-file {path}: {exc}") from exc
+    estimators = set(saved.qmri_estimators) - {"nn"}
+    defaults = {
+        "participant_label": saved.participant_labels,
+        "session_label": saved.session_labels,
+        "skip_bids_validation": saved.skip_bids_validation,
+        "bias_method": "both" if len(saved.bias_methods) > 1 else saved.bias_methods[0],
+        "qmri_estimator": ("all" if len(estimators) > 1 else
+                           next(iter(estimators)) if estimators else "nn"),
+        "model_dir": saved.model_dir, "device": saved.device, "work_dir": saved.work_dir,
+        "nprocs": saved.nprocs, "omp_nthreads": saved.omp_nthreads, "mem_gb": saved.mem_gb,
+        "stop_on_first_crash": saved.stop_on_first_crash, "write_graph": saved.write_graph,
+        "verbose": saved.verbose, "clean_workdir": saved.clean_workdir,
+        "resource_monitor": saved.resource_monitor, "roi_dseg": saved.roi_dseg,
+    }
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    if args.bids_filter_file is None and saved.bids_filters:
+        args.saved_bids_filters = saved.bids_filters
+    return args
 
 
 def _error(message: str) -> None:
@@ -204,7 +242,10 @@ def build_config(args):
     nprocs, omp, mem_gb = default_resources(args.nprocs, args.omp_nthreads, args.mem_gb)
     device, device_reason = select_device(args.device)
     methods = ("cnn", "n4") if args.bias_method == "both" else (args.bias_method,)
-    if "cnn" in methods:
+    roi_dseg = args.roi_dseg.expanduser().resolve() if args.roi_dseg else None
+    if roi_dseg is not None and not roi_dseg.is_file():
+        raise MissingInputError(f"--roi-dseg {args.roi_dseg} does not exist or is not a file")
+    if "cnn" in methods and not args.reports_only:
         from qmri_bids.workflows.bias_cnn import cnn_available
 
         ok, why = cnn_available()
@@ -233,7 +274,8 @@ def build_config(args):
         work_dir=work_dir,
         participant_labels=normalise_labels(args.participant_label, "sub-"),
         session_labels=normalise_labels(args.session_label, "ses-"),
-        bids_filters=load_filters(args.bids_filter_file),
+        bids_filters=getattr(args, "saved_bids_filters", None) or load_filters(
+            args.bids_filter_file),
         nprocs=nprocs,
         omp_nthreads=omp,
         mem_gb=mem_gb,
@@ -249,6 +291,9 @@ def build_config(args):
         plugin_args=plugin_args,
         write_graph=args.write_graph,
         verbose=args.verbose,
+        clean_workdir=args.clean_workdir,
+        resource_monitor=args.resource_monitor,
+        roi_dseg=roi_dseg,
     )
 
 
@@ -290,7 +335,10 @@ def run_app(args) -> int:
             from qmri_bids.group import run_group
 
             return run_group(config)
-        return run_participant_level(config, log_file)
+        if args.reports_only:
+            return run_reports_only(config)
+        return run_participant_level(config, log_file,
+                                     boilerplate_only=args.boilerplate_only)
 
 
 # -------------------------------------------------------------------------- participant level
@@ -461,7 +509,67 @@ def _write_finally(what: str, func: Callable[[], object]) -> None:
         LOGGER.warning("could not write %s: %s", what, getattr(exc, "strerror", None) or exc)
 
 
-def run_participant_level(config, log_file: Path) -> int:
+def run_reports_only(config) -> int:
+    """``--reports-only``: rebuild the participant reports, IQM tables and ``logs/CITATION.*``
+    of an existing output folder from its derivatives and run records; nothing is recomputed.
+    """
+    from qmri_bids.reports import build_reports
+
+    out = config.output_dir
+    if not (out / "dataset_description.json").is_file():
+        raise MissingInputError(f"{out} holds no qmri-bids derivatives: run the participant "
+                                "level first")
+    labels = config.participant_labels or None
+    result = build_reports(out, labels, roi_dseg=config.roi_dseg)
+    if not result.reports and not result.failed:
+        raise NothingSelectedError(f"no participant outputs to report on in {out}"
+                                   + (f" for {', '.join(labels)}" if labels else ""))
+    for path in result.reports:
+        print(f"report: {path}")
+    if result.failed:
+        raise BadDataError("some reports could not be built:\n  " + "\n  ".join(
+            f"sub-{who}: {why}" for who, why in result.failed))
+    return EXIT_OK
+
+
+class NodeProgress:
+    """One log line per finished node (``[3/11] sub-01 MRF mapping done in 72 s``), from
+    Nipype's status callback, so a long run is never silent between its steps."""
+
+    def __init__(self, total: int):
+        self.total = max(int(total), 1)
+        self.done = 0
+        self._started: dict[str, float] = {}
+
+    def __call__(self, node, status: str) -> None:
+        name = str(getattr(node, "fullname", None) or getattr(node, "name", node))
+        if name.startswith("_") and "." not in name:
+            return  # a MapNode's sub-node: its MapNode is reported
+        if status == "start":
+            self._started[name] = time.monotonic()
+            return
+        if status not in ("end", "exception"):
+            return
+        self.done += 1
+        self.total = max(self.total, self.done)
+        began = self._started.pop(name, None)
+        took = "" if began is None else f" in {time.monotonic() - began:.0f} s"
+        what = "FAILED" if status == "exception" else ("done" + took if took else "cached")
+        LOGGER.info("[%d/%d] %s %s", self.done, self.total, _readable_node(name), what)
+
+
+def _readable_node(fullname: str) -> str:
+    """``qmri_bids_0_1_wf.sub_01_wf.vfa_0_wf.map_nn`` -> ``sub-01 vfa_0 map_nn``."""
+    parts = fullname.split(".")
+    match = next((_SUBJECT_IN_NODE.fullmatch(p) for p in parts
+                  if _SUBJECT_IN_NODE.fullmatch(p)), None)
+    if match is None:
+        return fullname
+    rest = parts[parts.index(match.group(0)) + 1:]
+    return " ".join([f"sub-{match.group(1)}", *(p.removesuffix("_wf") for p in rest)])
+
+
+def run_participant_level(config, log_file: Path, *, boilerplate_only: bool = False) -> int:
     from qmri_bids.bids.derivatives import (
         atomic_copy,
         atomic_write_json,
@@ -483,7 +591,8 @@ def run_participant_level(config, log_file: Path) -> int:
     exit_code = EXIT_OK
     status = "failed"
     submitted = False
-    boilerplate = ""
+    records: list = []
+    execution: dict = {}
     try:
         # Written first, so that a failed run still leaves a valid derivatives dataset.
         write_dataset_description(config.output_dir, config.bids_dir, container_info())
@@ -498,10 +607,17 @@ def run_participant_level(config, log_file: Path) -> int:
         _check_headers(subjects)
         bad = preflight(subjects, config) + orphans
 
-        from qmri_bids.workflows.base import describe, init_qmri_bids_wf, planned_outputs
+        from qmri_bids import reports
+        from qmri_bids.workflows.base import init_qmri_bids_wf, planned_outputs
 
         print(safe_text(summary_table(subjects, planned_outputs(config, subjects))), flush=True)
         to_run = [s for s in subjects if not s.empty]
+        records = [reports.new_run_record(config, s) for s in to_run]
+        if boilerplate_only:
+            citation = reports.render_citation(reports.methods_from(records, planned=True))
+            for path in reports.write_citation(config.output_dir, citation):
+                print(f"methods: {path}")
+            records, to_run, status = [], [], "finished"
         if to_run:
             # Before the workflow exists: Nipype copies its global config into every node at
             # creation, and those copies win at run time.
@@ -510,8 +626,7 @@ def run_participant_level(config, log_file: Path) -> int:
             if config.write_graph:
                 workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
             _warn_large_nodes(workflow, config)
-            _execute(workflow, config, subjects)
-            boilerplate = describe(workflow)
+            _execute(workflow, config, subjects, execution)
             if config.plugin.endswith("Graph"):
                 # Graph plugins (SLURMGraph, SGEGraph...) only submit jobs and return.
                 submitted = True
@@ -551,9 +666,7 @@ def run_participant_level(config, log_file: Path) -> int:
             if log_file.exists():
                 _write_finally(f"the log copy in {log_dir}",
                                lambda d=log_dir: atomic_copy(log_file, d / log_file.name))
-        if to_run and exit_code == EXIT_OK and status != "interrupted":
-            _write_finally("CITATION.md", lambda: atomic_write_text(
-                config.output_dir / "logs" / "CITATION.md", boilerplate + "\n"))
+        _finish_records(config, records, execution, status, exit_code)
         _write_finally(f"run_{config.run_id}.json", lambda: atomic_write_json(
             config.output_dir / "logs" / f"run_{config.run_id}.json",
             {"run_id": config.run_id, "exit_code": exit_code, "status": status,
@@ -561,26 +674,78 @@ def run_participant_level(config, log_file: Path) -> int:
         if exit_code != EXIT_OK or status == "interrupted":
             for label in participants:
                 remove_partial_files(config.output_dir / f"sub-{label}")
+        if records and not submitted and status != "interrupted":
+            # Also after a failure: the report is where the user sees which node failed.
+            _write_finally("the reports", lambda: _build_reports(config, records))
+        if exit_code == EXIT_OK and config.clean_workdir and not submitted and to_run:
+            _write_finally("(cleaning) the work folder", lambda: _clean_workdir(config))
         _release(locks)
     if exit_code == EXIT_OK and not submitted:
         LOGGER.info("done: derivatives in %s", config.output_dir)
     return exit_code
 
 
-def _execute(workflow, config, subjects) -> None:
-    """Run the workflow; turn node failures into one error whose exit code says why."""
+def _finish_records(config, records: list, execution: dict, status: str,
+                    exit_code: int) -> None:
+    """Close and write each participant's run record (what ran, how long, what failed)."""
+    from qmri_bids import reports
+
+    plugin, timer = execution.get("plugin"), execution.get("timer")
+    failures = [{"fullname": f.node, "text": f.traceback, "crash_file": f.crash_file}
+                for f in (plugin.failures if plugin is not None else [])]
+    nodes = timer.records if timer is not None else []
+    record_status = status if status in ("finished", "submitted", "interrupted") else "failed"
+    for record in records:
+        reports.finish_run_record(record, status=record_status, exit_code=exit_code,
+                                  nodes=nodes, log_dir=config.log_dir(record.subject),
+                                  failures=failures)
+        _write_finally(f"the run record of sub-{record.subject}",
+                       lambda r=record: reports.write_run_record(r, config.output_dir))
+
+
+def _build_reports(config, records: list) -> None:
+    from qmri_bids.reports import build_reports
+
+    result = build_reports(config.output_dir, sorted({r.subject for r in records}),
+                           roi_dseg=config.roi_dseg)
+    for path in result.reports:
+        LOGGER.info("report: %s", path)
+    for who, why in result.failed:
+        LOGGER.warning("the report of sub-%s could not be built: %s", who, why)
+
+
+def _clean_workdir(config) -> None:
+    """``--clean-workdir``: remove this version's Nipype folder (never the model cache)."""
+    import shutil
+
+    from qmri_bids.workflows.base import top_wf_name
+
+    folder = config.work_dir / top_wf_name()
+    if folder.is_dir() and not _is_within(config.model_dir, folder):
+        shutil.rmtree(folder, ignore_errors=True)
+        LOGGER.info("removed the work folder %s (--clean-workdir)", folder)
+
+
+def _execute(workflow, config, subjects, execution: dict | None = None) -> None:
+    """Run the workflow; turn node failures into one error whose exit code says why.
+    ``execution`` receives the plugin (its failure records) and the node timer."""
+    from qmri_bids.reports import NodeTimer
     from qmri_bids.runner import SupervisedMultiProcPlugin
 
+    timer = NodeTimer(chain=NodeProgress(len(list(workflow._get_all_nodes()))))
+    plugin_args = {**config.plugin_args, "status_callback": timer}
     plugin = None
     if config.plugin == "MultiProc":
-        plugin = SupervisedMultiProcPlugin(plugin_args=config.plugin_args)
+        plugin = SupervisedMultiProcPlugin(plugin_args=plugin_args)
+    if execution is not None:
+        execution.update(plugin=plugin, timer=timer)
     LOGGER.info("running %d participant(s) with the %s plugin %s",
                 sum(1 for s in subjects if not s.empty), config.plugin, config.plugin_args)
     try:
         if plugin is not None:
             workflow.run(plugin=plugin)
         else:
-            workflow.run(plugin=config.plugin, plugin_args=config.plugin_args)
+            workflow.run(plugin=config.plugin, plugin_args=plugin_args)
     except RunInterrupted:
         if plugin is not None:
             plugin.stop_workers()
@@ -694,7 +859,12 @@ def _configure_nipype(config) -> None:
     ncfg.set("execution", "remove_unnecessary_outputs", "false")
     ncfg.set("execution", "hash_method", "content")
     ncfg.set("execution", "create_report", "false")
-    ncfg.set("monitoring", "enabled", "false")
+    ncfg.set("monitoring", "enabled", str(config.resource_monitor).lower())
+    # Nipype caches the monitor switch at its first use: set it through its own API too.
+    if config.resource_monitor:
+        ncfg.enable_resource_monitor()
+    else:
+        ncfg.disable_resource_monitor()
     ncfg.set("logging", "log_to_file", "false")
     ncfg.set("logging", "workflow_level", "INFO" if config.verbose else "WARNING")
     ncfg.set("logging", "interface_level", "INFO" if config.verbose > 1 else "WARNING")

@@ -34,14 +34,25 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     bias = sub.add_parser("bias", help="train the implicitly trained bias-field CNN")
     bias.add_argument("out_file", type=Path, help="destination .safetensors (card beside it)")
-    bias.add_argument("--steps", type=int, default=4000)
+    from qmri_bids.bias.cnn import BiasNetConfig
+    from qmri_bids.bias.train import CONTENTS, TrainConfig
+
+    # The defaults are the shipped model's recipe (benchmarks/bias/train_shipped.py runs it).
+    bias.add_argument("--steps", type=int, default=TrainConfig.steps)
     bias.add_argument("--seed", type=int, default=0)
     bias.add_argument("--budget-min", "--budget_min", type=float, dest="budget_min",
                       help="stop training after this many minutes (resumable)")
-    bias.add_argument("--in-size", "--in_size", type=int, dest="in_size", default=32,
-                      help="slice size the network sees (pixels)")
-    bias.add_argument("--n-images", "--n_images", type=int, dest="n_images", default=600,
-                      help="dead-leaves images and photo crops each in the training pool")
+    bias.add_argument("--in-size", "--in_size", type=int, dest="in_size",
+                      default=BiasNetConfig().in_size, help="slice size the network sees (pixels)")
+    bias.add_argument("--content", choices=CONTENTS, default=TrainConfig.content,
+                      help="training images: synth (MR-like label volumes, bias-free by "
+                           "construction), legacy (dead leaves and photos), or mix")
+    bias.add_argument("--n-volumes", "--n_volumes", type=int, dest="n_volumes",
+                      default=TrainConfig.n_volumes,
+                      help="synthetic 3-D volumes in the training pool (content synth or mix)")
+    bias.add_argument("--n-images", "--n_images", type=int, dest="n_images",
+                      default=TrainConfig.n_dead_leaves,
+                      help="dead-leaves images and photo crops each (content legacy or mix)")
     bias.add_argument("--threads", type=int, default=1)
     bias.add_argument("-w", "--work-dir", "--work_dir", type=Path, dest="work_dir",
                       default=Path("work_train_bias"))
@@ -107,7 +118,9 @@ def _train_bias(args) -> int:
     from qmri_bids.bias.cnn import BiasNetConfig
 
     cfg = TrainConfig(net=dataclasses.replace(BiasNetConfig(), in_size=args.in_size),
-                      steps=args.steps, seed=args.seed, n_dead_leaves=args.n_images,
+                      steps=args.steps, seed=args.seed, content=args.content,
+                      w_explicit=0.0 if args.content == "legacy" else TrainConfig.w_explicit,
+                      n_volumes=args.n_volumes, n_dead_leaves=args.n_images,
                       n_photo_crops=args.n_images)
     workflow = init_bias_training_wf(
         config=cfg.to_dict(), out_file=args.out_file.resolve(),

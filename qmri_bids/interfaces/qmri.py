@@ -96,14 +96,21 @@ class QmriMapping(SimpleInterface):
             files.append(str(path))
             suffixes.append(pmap.suffix)
             descs.append(pmap.desc or "")
-            metas.append({
+            meta = {
                 "Units": pmap.units,
+                "Description": _map_description(pmap, collection.suffix),
+                "SkullStripped": False,
                 **pmap.meta,
-                "EstimationReference": ZHANG_2022,
                 "SourceCollection": collection.suffix,
                 **acquisition,
                 **{k: v for k, v in result.metadata.items() if v not in (None, [])},
-            })
+            }
+            # Zhang 2022 is the reference of the network and of the CRB maps, not of NLLS,
+            # dictionary matching or closed-form maps.
+            algorithm = str(pmap.meta.get("EstimationAlgorithm", ""))
+            if "neural network" in algorithm or "Cramér-Rao" in algorithm:
+                meta["EstimationReference"] = ZHANG_2022
+            metas.append(meta)
         self._results.update(out_files=files, suffixes=suffixes, descs=descs, metas=metas)
         if plan.provides is not None:
             primary = [f for f, s, d in zip(files, suffixes, descs, strict=True)
@@ -156,14 +163,35 @@ class ResampleB1Map(SimpleInterface):
         return runtime
 
 
+_DESCRIPTIONS = {"crbsd": "Cramér-Rao bound standard deviation of the {suffix}",
+                 "nlls": "{suffix} by non-linear least squares",
+                 "dict": "{suffix} by dictionary matching",
+                 "nn": "{suffix} by the CRB-trained network (kept beside the NLLS primary map)"}
+
+
+def _map_description(pmap, collection_suffix: str) -> str:
+    """Every sidecar has a Description (the schema validator warns otherwise); a map's own
+    (PD, receive field, CRB SD) wins over this generic one."""
+    text = _DESCRIPTIONS.get(pmap.desc or "", "{suffix} (primary estimate)")
+    return text.format(suffix=pmap.suffix) + f" of the {collection_suffix} collection"
+
+
+# Metadata that BIDS admits as an array in a parametric map's sidecar (one value per source
+# image); any other varying parameter goes into SourceParameters, as the schema requires a
+# single number (InversionTime, RepetitionTimeExcitation) or a boolean (MTState) there.
+_ARRAY_METADATA = frozenset({"FlipAngle", "EchoTime", "RepetitionTimePreparation"})
+
+
 def _acquisition_metadata(collection, plan) -> dict:
     """Acquisition parameters of the members that were fitted (excluded ones left out), in the
-    collection's order, as arrays where they vary (BIDS qMRI style)."""
+    collection's order: a single value when all members share it; otherwise an array where
+    BIDS admits one, else under ``SourceParameters`` (one value per source, same order)."""
     excluded = {name for name, _ in plan.excluded}
     members = [m for m in collection.members if m.path.name not in excluded]
     keys = ("FlipAngle", "RepetitionTimeExcitation", "RepetitionTime", "InversionTime",
             "EchoTime", "MTState", "MagneticFieldStrength", "RefocusingFlipAngle")
-    out = {}
+    out: dict = {}
+    varying: dict = {}
     for key in keys:
         values = [m.metadata.get(key) for m in members if key in m.metadata]
         if not values:
@@ -171,8 +199,12 @@ def _acquisition_metadata(collection, plan) -> dict:
         flat = [v for v in values if not isinstance(v, list)]
         if flat and len(flat) == len(values) and len(set(map(str, flat))) == 1:
             out[key] = flat[0]
-        else:
+        elif key in _ARRAY_METADATA:
             out[key] = values
+        else:
+            varying[key] = values
+    if varying:
+        out["SourceParameters"] = varying
     return out
 
 

@@ -18,15 +18,13 @@ participants with the same protocol train it once.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +34,7 @@ import torch
 
 from qmri_bids import artifacts
 from qmri_bids.errors import BadDataError
+from qmri_bids.locks import file_lock
 from qmri_bids.qmri.base import SignalModel
 from qmri_bids.qmri.estimator import (
     ESTIMATOR_VERSION,
@@ -189,25 +188,6 @@ def load_estimator(path: str | Path, model: SignalModel | None = None
     return net, card
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout_s: float = 3600.0) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as fh:
-        t0 = time.monotonic()
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() - t0 > timeout_s:
-                    raise TimeoutError(f"{path}: lock held for over {timeout_s:.0f} s") from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _search_dirs(search_dirs: Sequence[Path]) -> list[Path]:
     """The shipped models first, then the caller's folders."""
     return [SHIPPED_DIR] + [Path(d) for d in search_dirs if Path(d) != SHIPPED_DIR]
@@ -280,7 +260,10 @@ def find_or_train(
                 return FoundEstimator(net, card, folder / f"{stem}.safetensors", False)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache_dir / stem
-    with _file_lock(cache_dir / f"{stem}.lock"):
+    # One lock helper for the whole app (qmri_bids.locks): parallel participants with the same
+    # protocol train once; a lock left by a dead process is taken over.
+    with file_lock(cache_dir / f"{stem}.lock", timeout_s=3600.0,
+                   purpose=f"training the {model.name} estimator {stem}"):
         if not force and _present(target):
             try:
                 net, card = load_estimator(target, model)

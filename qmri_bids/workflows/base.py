@@ -27,9 +27,15 @@ from qmri_bids.workflows.outputs import (
 from qmri_bids.workflows.qmri import init_qmri_map_wf
 
 
+def top_wf_name() -> str:
+    """Name (and work sub-folder) of the whole run's workflow: it carries major.minor so a new
+    version never reuses old results."""
+    return f"qmri_bids_{version_tag()}_wf"
+
+
 def init_qmri_bids_wf(*, config: RunConfig, subjects: list[SubjectInputs]) -> pe.Workflow:
-    """The whole run. Its name carries major.minor so a new version never reuses old results."""
-    workflow = pe.Workflow(name=f"qmri_bids_{version_tag()}_wf", base_dir=str(config.work_dir))
+    """The whole run (one sub-workflow per participant and session)."""
+    workflow = pe.Workflow(name=top_wf_name(), base_dir=str(config.work_dir))
     for inputs in subjects:
         if inputs.empty:
             continue

@@ -10,7 +10,7 @@ import torch
 
 from qmri_bids.bias.fields import random_bias_field
 from qmri_bids.bias.inference import correct_bias_cnn
-from qmri_bids.bias.training_data import dead_leaves, object_mask
+from qmri_bids.bias.synth import SynthConfig, synth_slices
 from qmri_bids.bias.weights import BiasModel, load_model
 from qmri_bids.device import select_device
 from qmri_bids.errors import BadDataError, UsageError
@@ -71,7 +71,10 @@ def test_orientation_equivariance(model: BiasModel) -> None:
     sp = (1.0, 1.2, 1.5)
     _, f = correct_bias_cnn(img, sp, model)
     _, ft = correct_bias_cnn(img.transpose(2, 0, 1), (sp[2], sp[0], sp[1]), model)
-    np.testing.assert_allclose(ft.transpose(1, 2, 0), f, atol=2e-3)
+    # 2 of the 8 in-plane rotations/flips are averaged (FusionConfig.n_transforms), so a
+    # permutation of the axes changes the field only approximately (bias_cnn_v2: max 3.4e-3,
+    # on a field that varies by ~20 %)
+    np.testing.assert_allclose(ft.transpose(1, 2, 0), f, atol=5e-3)
 
 
 def test_2d_and_single_slice_3d_agree(model: BiasModel) -> None:
@@ -86,15 +89,14 @@ def test_2d_and_single_slice_3d_agree(model: BiasModel) -> None:
 
 
 def test_consistency_on_held_out_generated_image(model: BiasModel) -> None:
-    """F(v b)/F(v) ~ b on images never seen in training (held-out seed), through the full
-    2-D pipeline (resampling, fusion on the smooth basis)."""
+    """F(v b)/F(v) ~ b on MR-like images never seen in training (a held-out seed of the
+    training content generator), through the full 2-D pipeline (resampling, fusion)."""
+    images, masks = synth_slices(2, 424242, SynthConfig(size=96), per_axis=1)
     rng = np.random.default_rng(424242)
     errs, ident = [], []
-    for _ in range(6):
-        v = dead_leaves(96, rng)
-        m = object_mask(96, rng)
-        v = v * m
-        b = random_bias_field((96, 96), rng, length_scale=(25.0, 40.0), max_value=(1.15, 1.3),
+    for v, m in zip(images, masks, strict=True):
+        m = m.astype(bool)
+        b = random_bias_field(v.shape, rng, length_scale=(25.0, 40.0), max_value=(1.15, 1.3),
                               mask=m)
         _, fv = correct_bias_cnn(v, (1.0, 1.0), model, mask=m)
         _, fg = correct_bias_cnn(v * b, (1.0, 1.0), model, mask=m)
@@ -106,7 +108,8 @@ def test_consistency_on_held_out_generated_image(model: BiasModel) -> None:
     assert np.mean(errs) < CONSISTENCY_FRACTION * np.mean(ident), (errs, ident)
 
 
-#: bias_cnn_v1 measures 0.41 here (error relative to "no correction"); 0.6 leaves margin
+#: error relative to "no correction": bias_cnn_v2 measures 0.20 here (its interim export at
+#: 4000 steps 0.36); 0.6 leaves margin for a retrained model
 CONSISTENCY_FRACTION = 0.6
 
 

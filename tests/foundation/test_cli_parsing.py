@@ -353,3 +353,79 @@ def test_config_json_round_trip(tiny, tmp_path):
     assert payload["mem_gb"] == 4.0
     assert payload["bids_dir"] == str(tiny.resolve())
     assert payload["bias_methods"] == ["cnn"]  # the default method
+
+
+# ---------------------------------------------------------------------- fMRIPrep-style options
+def test_help_shows_each_default_once_and_only_real_ones(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: cnn)" in text  # a real default is still shown
+    assert text.count("<work-dir>/models") == 1
+    for flag in ("--reports-only", "--boilerplate-only", "--clean-workdir",
+                 "--resource-monitor", "--config-file", "--notrack", "--roi-dseg"):
+        assert flag in text
+
+
+@pytest.mark.parametrize("flag", ["--reports-only", "--boilerplate-only", "--clean-workdir",
+                                  "--resource-monitor", "--notrack"])
+def test_fmriprep_flags_are_accepted(tiny, tmp_path, flag):
+    args = build_parser().parse_args([str(tiny), str(tmp_path / "o"), "participant", flag])
+    assert getattr(args, flag.lstrip("-").replace("-", "_")) is True
+
+
+def test_config_file_supplies_defaults_and_flags_win(tiny, tmp_path):
+    from qmri_bids.cli.run import _with_saved_config
+
+    saved = _config([tiny, tmp_path / "out", "participant", "-w", tmp_path / "w",
+                     "--participant-label", "02", "--bias-method", "both", "--nprocs", "2",
+                     "--qmri-estimator", "nlls"])
+    path = _write(tmp_path / "config.json", saved.to_json())
+    argv = [str(tiny), str(tmp_path / "out2"), "participant", "--config-file", str(path),
+            "--bias-method", "n4"]
+    parser = build_parser()
+    from qmri_bids.cli.run import build_config
+
+    config = build_config(_with_saved_config(parser, argv, path))
+    assert config.participant_labels == ["02"]  # from the file
+    assert config.nprocs == 2 and config.qmri_estimators == ("nn", "nlls")
+    assert config.bias_methods == ("n4",)  # the command line wins
+    assert config.output_dir == (tmp_path / "out2").resolve()  # positionals are this command's
+
+
+def test_config_file_unknown_key_exits_64(tiny, tmp_path):
+    path = _write(tmp_path / "config.json", json.dumps({"bids_dir": str(tiny), "bogus": 1}))
+    code, _, err = cli([tiny, tmp_path / "out", "participant", "-w", tmp_path / "w",
+                        "--config-file", path])
+    assert code == EXIT_USAGE and "config.json" in err and "bogus" in err
+
+
+def test_config_file_missing_exits_66(tiny, tmp_path):
+    code, _, err = cli([tiny, tmp_path / "out", "participant", "-w", tmp_path / "w",
+                        "--config-file", tmp_path / "nope.json"])
+    assert code == EXIT_MISSING_INPUT and "nope.json" in err
+
+
+def test_roi_dseg_missing_exits_66(tiny, tmp_path):
+    code, _, err = cli([tiny, tmp_path / "out", "participant", "-w", tmp_path / "w",
+                        "--roi-dseg", tmp_path / "none_dseg.nii.gz"])
+    assert code == EXIT_MISSING_INPUT and "none_dseg.nii.gz" in err
+
+
+def test_reports_only_without_derivatives_exits_66(tiny, tmp_path):
+    code, _, err = cli([tiny, tmp_path / "empty", "participant", "-w", tmp_path / "w",
+                        "--reports-only"])
+    assert code == EXIT_MISSING_INPUT and "run the participant level first" in err
+
+
+def test_boilerplate_only_writes_methods_and_runs_nothing(tiny, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = cli([tiny, out, "participant", "-w", tmp_path / "w",
+                             "--bias-method", "n4", "--boilerplate-only",
+                             "--skip-bids-validation"])
+    assert code == EXIT_OK, err
+    text = (out / "logs" / "CITATION.md").read_text()
+    assert "N4" in text and (out / "logs" / "CITATION.bib").is_file()
+    assert not list(out.glob("sub-*/anat/*.nii.gz"))  # nothing was computed
+    assert not list((tmp_path / "w").rglob("result_*.pklz"))  # no node ran

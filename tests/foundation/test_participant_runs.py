@@ -387,7 +387,10 @@ def test_real_dataset_level_and_logs(real_run):
     check_dataset_level(real_run)
     check_logs(real_run, ["neck01", "balls01"])
     # only the selected participants were processed
-    assert sorted(p.name for p in real_run["out"].glob("sub-*")) == ["sub-balls01", "sub-neck01"]
+    assert sorted(p.name for p in real_run["out"].glob("sub-*") if p.is_dir()) == ["sub-balls01",
+                                                                             "sub-neck01"]
+    assert sorted(p.name for p in real_run["out"].glob("sub-*.html")) == ["sub-balls01.html",
+                                                                           "sub-neck01.html"]
 
 
 def test_real_run_writes_nowhere_else(real_run):

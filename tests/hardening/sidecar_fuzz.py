@@ -195,7 +195,7 @@ def _run(ds: Path, work: Path) -> tuple[int, str, str]:
     from qmri_bids.cli import run as cli_run
 
     original = cli_run._execute
-    cli_run._execute = lambda workflow, config, subjects: None  # stop before any node runs
+    cli_run._execute = lambda workflow, config, subjects, execution=None: None  # no node runs
     try:
         return cli([ds, work / "out", "participant", "-w", work / "w", "--skip-bids-validation",
                     "--bias-method", "n4", "--nprocs", "1"])

@@ -12,6 +12,7 @@ import torch
 
 from qmri_bids.artifacts import sha256_file
 from qmri_bids.errors import BadDataError
+from qmri_bids.qmri.estimator import ESTIMATOR_VERSION
 from qmri_bids.qmri.model_store import (
     SHIPPED_DIR,
     estimator_stem,
@@ -171,8 +172,9 @@ def test_shipped_models_load_and_are_verified() -> None:
         _net, c = load_estimator(card)
         assert c["validation"]["efficiency_median"]
         assert card.stem == estimator_stem(c["model"], c["protocol"])
-        # the shipped (version-1) cards are read through the common card reader ...
-        assert c["format_version"] == 1 and c["sha256"] == c["weights_sha256"]
+        # the shipped cards are version 2 (qmri_bids.artifacts), validated before shipping ...
+        assert c["format_version"] == 2 and c["estimator_version"] == ESTIMATOR_VERSION
+        assert len(c["sha256"]) == 64 and "gate" in c["validation"]
         # ... and the model rebuilt from the card names the same file: protocol hashes of the
         # shipped estimators are unchanged by the model classes' to_protocol()
         model = model_class(c["model"]).from_protocol(c["protocol"])

@@ -14,6 +14,7 @@ from qmri_bids.qmri.base import CLOSED_FORM
 from qmri_bids.qmri.model_store import SHIPPED_DIR, estimator_stem
 from qmri_bids.qmri.models import MODELS, VFAModel
 from qmri_bids.qmri.plan import (
+    MAPPING_BASE_GB,
     B1Provider,
     CollectionPlan,
     link_b1_providers,
@@ -47,7 +48,7 @@ def test_demo_vfa_protocol_plans_the_shipped_network():
     assert plan.summary() == [f"network {stem}", "nlls"]
     assert "non-linear least squares" in plan.describe()
     assert "dictionary" not in plan.describe()
-    assert plan.mem_gb == round(1.0 + 16 * 8 * 80 * 96 * 8 * 2 / 1024**3, 2)
+    assert plan.mem_gb == round(MAPPING_BASE_GB + 16 * 8 * 80 * 96 * 8 * 2 / 1024**3, 2)
 
 
 def test_unknown_protocol_is_trained_on_demand(tmp_path):

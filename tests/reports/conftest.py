@@ -42,12 +42,12 @@ def tree_reports(tree) -> dict:
 @pytest.fixture(scope="session")
 def pipeline_run(tmp_path_factory) -> dict:
     """The real participant level (``qmri-bids ... --bias-method both --qmri-estimator all``)
-    on one small demo participant without its MRF collection (the slowest one), with the
-    report hooks attached (tests/reports/_pipeline.py), then the group level.
+    on one small demo participant without its MRF collection (the slowest one), then the
+    group level.
 
     A fresh process: its workers are forked, and this pytest process may have run torch
-    already. ``OMP_NUM_THREADS=1``: a parent that used a multi-threaded OpenMP pool before
-    forking deadlocks its workers in libgomp (seen with the CLI's bias-model check).
+    already (a parent that used a multi-threaded OpenMP pool before forking deadlocks its
+    workers in libgomp).
     """
     from qmri_bids.demo.dataset import DemoSettings, write_demo_dataset
 
@@ -62,9 +62,10 @@ def pipeline_run(tmp_path_factory) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.reports._pipeline", str(bids), str(out), "participant",
+        [sys.executable, "-c", "from qmri_bids.cli.run import main; raise SystemExit(main())",
+         str(bids), str(out), "participant",
          "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1", "--bias-method", "both",
-         "--qmri-estimator", "all", "--skip-bids-validation"],
+         "--qmri-estimator", "all", "--skip-bids-validation", "--resource-monitor"],
         capture_output=True, text=True, timeout=900, cwd=REPO_ROOT, env=env, check=False)
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -1,5 +1,5 @@
-"""The reports of a real participant-level run (the hooks attached from outside, as the CLI
-will call them): the run record, the report's content, the methods text, the group level."""
+"""The reports of a real participant-level run of the CLI: the run record, the report's
+content, the methods text, the group level, and ``--reports-only``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ def test_run_record_of_a_real_run(pipeline_run):
     cnn = [n for n in rec.nodes if n.name.endswith("anat_00_T1w_bias_wf.cnn")]
     assert cnn and cnn[0].started is not None and cnn[0].duration_s > 0
     assert rec.crashes == []
+    # --resource-monitor: each processing node's measured peak beside the memory it declared
+    mapping = [n for n in rec.nodes if n.name.endswith("_wf.map")]
+    assert mapping and all(n.peak_mem_gb and n.peak_mem_gb > 0 and n.mem_gb for n in mapping)
 
 
 def test_report_and_iqms_of_a_real_run(pipeline_run):
@@ -59,3 +62,30 @@ def test_group_level_of_a_real_run(pipeline_run):
     assert "group_bias.tsv" in names
     header = (pipeline_run["out"] / "group_bias.tsv").read_text().splitlines()[0].split("\t")
     assert "T1w_n4_cjv_after" in header and header[-1] == "outliers"
+
+
+def test_reports_only_rebuilds_from_the_outputs(pipeline_run, tmp_path):
+    """``--reports-only`` rebuilds the report and the citation from the derivatives and run
+    records; no node runs (a fresh, empty work dir stays without results)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = pipeline_run["out"]
+    report = out / "sub-01.html"
+    before = report.stat().st_mtime_ns
+    report.unlink()
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from qmri_bids.cli.run import main; raise SystemExit(main())",
+         str(pipeline_run["bids"]), str(out), "participant", "-w", str(work), "--reports-only",
+         "--skip-bids-validation"],
+        capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report.is_file() and report.stat().st_mtime_ns > before
+    assert f"report: {report}" in proc.stdout
+    assert (out / "logs" / "CITATION.md").is_file()
+    assert not list(work.rglob("result_*.pklz"))

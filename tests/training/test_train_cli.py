@@ -15,7 +15,8 @@ def test_train_bias_writes_a_loadable_model_and_resumes(tmp_path: Path) -> None:
 
     out = tmp_path / "tiny.safetensors"
     work = tmp_path / "work"
-    argv = ["train", "bias", str(out), "--steps", "20", "--n-images", "16", "-w", str(work)]
+    argv = ["train", "bias", str(out), "--steps", "20", "--n-volumes", "4", "--n-images", "16",
+            "-w", str(work)]
     assert main(argv) == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["training"]["steps"] == 20 and card["training"]["seed"] == 0
@@ -25,7 +26,8 @@ def test_train_bias_writes_a_loadable_model_and_resumes(tmp_path: Path) -> None:
     state = json.loads((work / "checkpoints" / "state.json").read_text())
     assert state["step"] == 20
     # More steps with the same work dir resume from the checkpoint instead of starting over.
-    assert main([*argv[:3], "--steps", "30", "--n-images", "16", "-w", str(work)]) == 0
+    assert main([*argv[:3], "--steps", "30", "--n-volumes", "4", "--n-images", "16",
+                 "-w", str(work)]) == 0
     history = json.loads((work / "checkpoints" / "state.json").read_text())["history"]
     assert history[-1]["step"] == 30
     assert json.loads(out.with_suffix(".json").read_text())["training"]["steps"] == 30

@@ -211,7 +211,7 @@ def test_a_provided_b1_map_is_wired_into_the_collections_that_use_b1(bids, caplo
         sink = nodes[f"ds_qmri_{index:02d}_{consumer.suffix}_wf.ds_maps"]
         assert sink.inputs.extra_meta["B1Map"] == "sub-01_acq-tb1dam_TB1map.nii.gz"
         assert "TB1DAM" in sink.inputs.extra_meta["B1MapSource"]
-        assert sink.inputs.source_uris == ["bids::sub-01/anat/sub-01_acq-tb1dam_TB1map.nii.gz"]
+        assert sink.inputs.source_uris == ["bids::sub-01/fmap/sub-01_acq-tb1dam_TB1map.nii.gz"]
         assert planned_outputs(config, [inputs])[consumer.label][0] == "B1 from TB1DAM"
     assert not any(n.startswith(("qmri_01_IRT1_wf.b1_to_grid", "qmri_03_TB1DAM_wf.b1"))
                    for n in nodes)

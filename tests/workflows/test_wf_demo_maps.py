@@ -106,9 +106,17 @@ def test_sidecars(demo_maps, acq):
     for suffix, desc in maps:
         meta = sidecar(_map(demo_maps, acq, suffix, desc))  # valid JSON or it raises
         name = f"{acq} {desc or ''} {suffix}"
-        for key in ("Units", "EstimationAlgorithm", "EstimationReference", "Sources",
-                    "Estimator", "NoiseSigma", *acq_fields):
+        for key in ("Units", "Description", "SkullStripped", "EstimationAlgorithm", "Sources",
+                    "Estimator", "EstimatorValidation", "PrimaryEstimator", "NoiseSigma"):
             assert key in meta, f"{name}: {key} missing from the sidecar"
+        # acquisition fields: a number or an array where BIDS admits one, else per source file
+        for key in acq_fields:
+            assert key in meta or key in meta.get("SourceParameters", {}), \
+                f"{name}: {key} missing from the sidecar"
+        assert not isinstance(meta.get("InversionTime"), list), name
+        # Zhang 2022 is cited where the network (or the CRB) made the map, not for NLLS
+        network_made_it = desc == "crbsd" or meta["PrimaryEstimator"] == "nn"
+        assert ("EstimationReference" in meta) == network_made_it, (name, meta["PrimaryEstimator"])
         assert meta["Units"] == UNITS[suffix], name
         assert isinstance(meta["NoiseSigma"], float) and meta["NoiseSigma"] > 0, name
         assert any(first.split("/")[-1] in s for s in meta["Sources"]), (name, meta["Sources"])

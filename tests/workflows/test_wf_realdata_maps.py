@@ -137,7 +137,9 @@ def test_t1_finite_inside_object(real_maps, rel):
     inside = t1 > 0  # the object mask of the mapping (0 outside)
     assert inside.sum() > 1000
     assert np.isfinite(t1).all()
-    assert (t1[inside] < 10).all()
+    # NLLS bounds T1 at 10 s (the refit of out-of-prior voxels, or NLLS as the primary): a few
+    # voxels of long, poorly determined T1 may sit at the bound, never beyond it
+    assert (t1[inside] <= 10).all() and (t1[inside] >= 10).mean() < 0.01
     assert np.isfinite(crbsd[inside]).all()
     if "brain02" in rel:  # a brain: median T1 of a 3 T VFA between WM and GM values
         assert 0.6 < float(np.median(t1[inside])) < 2.0
