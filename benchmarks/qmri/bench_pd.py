@@ -96,7 +96,9 @@ def bench_demo(demo: Path, subjects: list[str], bias_model) -> list[dict]:
             z = slab(pd_full.shape[2], labels.shape[2])
             truth, true_field = pd_full[..., z], field_full[..., z]
             b1 = demo / f"sub-{sub}" / "fmap" / f"sub-{sub}_TB1map.nii.gz"
-            b1 = b1 if suffix == "VFA" else None
+            if not b1.is_file():  # sub-02: B1 from a TB1DAM collection; use its true map here
+                b1 = gt / f"sub-{sub}_acq-{coll}_TB1map.nii.gz"
+            b1 = b1 if suffix == "VFA" and b1.is_file() else None
             written = sorted((demo / f"sub-{sub}" / "anat").glob(f"sub-{sub}_*_{suffix}.nii.gz"))
             for scenario, paths in (
                     ("as written", written),

@@ -626,7 +626,14 @@ def run_participant_level(config, log_file: Path, *, boilerplate_only: bool = Fa
             if config.write_graph:
                 workflow.write_graph(graph2use="colored", format="svg", simple_form=True)
             _warn_large_nodes(workflow, config)
-            _execute(workflow, config, subjects, execution)
+            # Nipype's resource monitor (and any library writing to the working directory)
+            # writes relative to the process's cwd: run inside the work dir, never the caller's.
+            caller_cwd = os.getcwd()
+            os.chdir(config.work_dir)
+            try:
+                _execute(workflow, config, subjects, execution)
+            finally:
+                os.chdir(caller_cwd)
             if config.plugin.endswith("Graph"):
                 # Graph plugins (SLURMGraph, SGEGraph...) only submit jobs and return.
                 submitted = True

@@ -32,11 +32,12 @@ LOGGER = logging.getLogger("qmri_bids.qmri")
 _ESTIMATOR_NAMES = {"nlls": "non-linear least squares", "dict": "dictionary matching"}
 
 
-#: memory of a mapping node before any data: the interpreter, numpy and torch (measured 0.35-0.45 GB)
+#: memory of a mapping node before any data: interpreter, numpy and torch (measured 0.35-0.45 GB)
 MAPPING_BASE_GB = 0.45
 #: bytes per data value (voxels x members or time points) beyond the base, by estimation model;
 #: others hold ~16 float64 copies of the data
-MAPPING_BYTES_PER_VALUE = {"mese-epg": 2700}
+MAPPING_BYTES_PER_VALUE = {"mese-epg": 2700, "mrf": 256}
+
 
 @dataclass(frozen=True)
 class B1Provider:
@@ -103,7 +104,8 @@ class CollectionPlan:
         """Memory of the mapping node: interpreter and torch plus a number of bytes per data
         value that depends on the estimation model (EPG fits hold their echo states and
         Jacobians). Calibrated on the demo with ``--resource-monitor``: declared / measured
-        peak VFA 0.51 / 0.43 GB, IRT1 0.57 / 0.48 GB, MESE (EPG) 2.0 / 1.96 GB."""
+        peak VFA 0.51 / 0.43 GB, IRT1 0.52-0.57 / 0.48-0.56 GB, MESE (EPG) 2.0 / 1.6-2.0 GB,
+        MRF 1.37 / 1.39 GB."""
         model = self.network.model_name if self.network is not None else self.model_name
         per_value = MAPPING_BYTES_PER_VALUE.get(model, 128)
         values = int(np.prod(self.shape)) * self.signal_length

@@ -27,6 +27,10 @@ def test_run_record_of_a_real_run(pipeline_run):
     # --resource-monitor: each processing node's measured peak beside the memory it declared
     mapping = [n for n in rec.nodes if n.name.endswith("_wf.map")]
     assert mapping and all(n.peak_mem_gb and n.peak_mem_gb > 0 and n.mem_gb for n in mapping)
+    # ... and its sampling files stay in the work dir, not the directory the CLI ran from
+    from tests.conftest import REPO_ROOT
+
+    assert not list(REPO_ROOT.glob(".proc-*")), "resource-monitor files in the caller's cwd"
 
 
 def test_report_and_iqms_of_a_real_run(pipeline_run):
