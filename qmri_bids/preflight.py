@@ -23,7 +23,7 @@ import numpy as np
 from qmri_bids.bids.discovery import Collection, Skipped, SubjectInputs
 from qmri_bids.config import RunConfig
 from qmri_bids.errors import BadDataError, MissingInputError
-from qmri_bids.image_io import check_image_header
+from qmri_bids.image_io import check_header, check_image_header
 from qmri_bids.qmri.plan import (
     CollectionPlan,
     link_b1_providers,
@@ -77,5 +77,6 @@ def _plan(collection: Collection, config: RunConfig) -> CollectionPlan:
     if collection.b1map is not None:
         from qmri_bids.qmri.protocols import load_b1map
 
+        check_header(collection.b1map)  # the header rules before any voxel is read
         load_b1map(collection.b1map, shape)
     return plan

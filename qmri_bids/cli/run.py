@@ -447,37 +447,6 @@ def _apply_scan(subjects, scan) -> list[str]:
     return orphans
 
 
-def _check_headers(subjects) -> None:
-    """Header-only rules (:func:`qmri_bids.image_io.check_header`) on every selected file, B1
-    maps included, before any voxel is read: a file that breaks one is skipped (exit 65)."""
-    from qmri_bids.bids.discovery import Skipped
-    from qmri_bids.image_io import check_header
-
-    for inputs in subjects:
-        kept = []
-        for anat in inputs.anat:
-            try:
-                check_header(anat.path)
-            except (BadDataError, MissingInputError) as exc:
-                inputs.skipped.append(Skipped(anat.suffix, anat.path, str(exc)))
-                LOGGER.error("skipping %s", exc)
-                continue
-            kept.append(anat)
-        inputs.anat = kept
-        kept_collections = []
-        for col in inputs.collections:
-            files = [m.path for m in col.members] + ([col.b1map] if col.b1map else [])
-            try:
-                for path in files:
-                    check_header(path)
-            except (BadDataError, MissingInputError) as exc:
-                inputs.skipped.append(Skipped(col.label, path, str(exc)))
-                LOGGER.error("skipping collection %s: %s", col.label, exc)
-                continue
-            kept_collections.append(col)
-        inputs.collections = kept_collections
-
-
 def _discover(config, participants, scan):
     """Discovery, with its failures worded for the user: a filter pybids refuses is a usage
     error; nothing usable because of what the scan found is bad data; a full work dir is 73."""
@@ -604,7 +573,6 @@ def run_participant_level(config, log_file: Path, *, boilerplate_only: bool = Fa
         scan = scan_dataset(config.bids_dir, participants)
         subjects = _discover(config, participants, scan)
         orphans = _apply_scan(subjects, scan)
-        _check_headers(subjects)
         bad = preflight(subjects, config) + orphans
 
         from qmri_bids import reports

@@ -39,7 +39,9 @@ def build_train_parser() -> argparse.ArgumentParser:
 
     # The defaults are the shipped model's recipe (benchmarks/bias/train_shipped.py runs it).
     bias.add_argument("--steps", type=int, default=TrainConfig.steps)
-    bias.add_argument("--seed", type=int, default=0)
+    bias.add_argument("--seed", type=int, default=0,
+                      help="seed of the training content, fields and weights (default 0, the "
+                           "shipped model's)")
     bias.add_argument("--budget-min", "--budget_min", type=float, dest="budget_min",
                       help="stop training after this many minutes (resumable)")
     bias.add_argument("--in-size", "--in_size", type=int, dest="in_size",
@@ -53,7 +55,8 @@ def build_train_parser() -> argparse.ArgumentParser:
     bias.add_argument("--n-images", "--n_images", type=int, dest="n_images",
                       default=TrainConfig.n_dead_leaves,
                       help="dead-leaves images and photo crops each (content legacy or mix)")
-    bias.add_argument("--threads", type=int, default=1)
+    bias.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads of the training process (default 1)")
     bias.add_argument("-w", "--work-dir", "--work_dir", type=Path, dest="work_dir",
                       default=Path("work_train_bias"))
 
@@ -66,11 +69,17 @@ def build_train_parser() -> argparse.ArgumentParser:
                       help="a BIDS dataset (its first collection of that kind is used, or the "
                            "one of --participant-label), or the members' JSON sidecars")
     qmri.add_argument("--participant-label", "--participant_label", dest="participant_label")
-    qmri.add_argument("--loss", choices=["crb", "mse"], default="crb")
-    qmri.add_argument("--seed", type=int, default=0)
+    qmri.add_argument("--loss", choices=["crb", "mse"], default="crb",
+                      help="crb: squared error of each parameter divided by its Cramér-Rao "
+                           "bound (Zhang et al. 2022; a loss of 1 is an efficient estimator); "
+                           "mse: plain squared error, for comparison (default crb)")
+    qmri.add_argument("--seed", type=int, default=0,
+                      help="seed of the simulated training signals, noise and weights "
+                           "(default 0)")
     qmri.add_argument("--budget-s", "--budget_s", type=float, dest="budget_s",
                       help="training time budget in seconds")
-    qmri.add_argument("--threads", type=int, default=1)
+    qmri.add_argument("--threads", type=int, default=1,
+                      help="torch CPU threads of the training process (default 1)")
     qmri.add_argument("--force", action="store_true",
                       help="train even if a shipped or cached estimator matches the protocol "
                            "(e.g. to compare --loss mse)")

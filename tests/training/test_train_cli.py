@@ -79,3 +79,15 @@ def test_train_usage_errors(argv, tmp_path: Path, monkeypatch) -> None:
         code = main(argv)
         raise SystemExit(code)
     assert info.value.code == 64
+
+
+def test_train_help_explains_every_option(capsys) -> None:
+    expected = {"bias": ("seed of the training content", "torch CPU threads"),
+                "qmri": ("seed of the simulated training signals", "torch CPU threads",
+                         "divided by its Cramér-Rao", "plain squared error")}
+    for what, phrases in expected.items():
+        with pytest.raises(SystemExit):
+            main(["train", what, "--help"])
+        text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+        for phrase in phrases:
+            assert phrase in text, (what, phrase)
