@@ -194,6 +194,18 @@ class SignalModel(abc.ABC):
     def __call__(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward(params, b1)
 
+    @property
+    def has_exact_jacobian(self) -> bool:
+        """Whether :meth:`jacobian` gives the exact Jacobian faster than automatic
+        differentiation or differences (then the CRB and NLLS use it)."""
+        return False
+
+    def jacobian(self, params: torch.Tensor, b1: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signal (real view ``[..., M]``) and Jacobian ``[..., M, P]``, for models with
+        :attr:`has_exact_jacobian`."""
+        raise NotImplementedError(f"model {self.name!r} has no exact Jacobian of its own")
+
     def uses_b1(self) -> bool:
         """Whether a known relative B1+ changes this model's signal, i.e. whether its collection
         wants a B1 map (from fmap/ or from a collection that ``provides`` one).

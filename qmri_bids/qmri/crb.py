@@ -25,9 +25,13 @@ def _real_view(signal: torch.Tensor) -> torch.Tensor:
 
 
 def jacobian_mode(model: SignalModel, n_params: int) -> str:
-    """How to differentiate ``model``: ``"fd"`` for long simulated signals (MRF: automatic
-    differentiation through a 500-step EPG loop costs ~1 s per sample; central differences need
-    2P+1 forward runs), ``"fwd"`` when outputs outnumber parameters, ``"rev"`` otherwise."""
+    """How to differentiate ``model``: ``"model"`` when it has an exact Jacobian of its own
+    (:attr:`~qmri_bids.qmri.base.SignalModel.has_exact_jacobian`), ``"fd"`` for other long
+    simulated signals (automatic differentiation through a 500-step EPG loop costs ~1 s per
+    sample; central differences need 2P+1 forward runs), ``"fwd"`` when outputs outnumber
+    parameters, ``"rev"`` otherwise."""
+    if getattr(model, "has_exact_jacobian", False):
+        return "model"
     n = getattr(model, "n_timepoints", None) or 0
     if n > 64:
         return "fd"
@@ -45,13 +49,18 @@ def model_jacobian(
 
     ``mode``: ``"rev"`` (``jacrev``, cost ∝ M), ``"fwd"`` (``jacfwd``, cost ∝ P), ``"fd"``
     (float64 central differences with step ``rel_step``·max(|θ|, 1e-3): ~1e-8 relative error,
-    no autograd graph) or ``"auto"`` (:func:`jacobian_mode`). M = N for real signals and 2N for
-    complex ones.
+    no autograd graph), ``"model"`` (the model's own :meth:`~SignalModel.jacobian`) or
+    ``"auto"`` (:func:`jacobian_mode`). M = N for real signals and 2N for complex ones.
     """
     if mode == "auto":
         mode = jacobian_mode(model, params.shape[-1])
     batch = params.shape[:-1]
     p = params.reshape(-1, params.shape[-1])
+    if mode == "model":
+        with torch.no_grad():
+            s, j = model.jacobian(p, None if b1 is None else torch.broadcast_to(
+                torch.as_tensor(b1).to(p), batch).reshape(-1))
+        return s.reshape(*batch, s.shape[-1]), j.reshape(*batch, *j.shape[-2:])
     if mode == "fd":
         s, j = _central_differences(model, p, None if b1 is None else torch.broadcast_to(
             torch.as_tensor(b1).to(p), batch).reshape(-1), rel_step)

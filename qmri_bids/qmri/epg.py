@@ -266,6 +266,29 @@ def relax_real(
     return RealEPGState(a * e2, b * e2, z_new)
 
 
+def relax_real_tangents(
+    state: RealEPGState,
+    e1: torch.Tensor,
+    e2: torch.Tensor,
+    de1: torch.Tensor,
+    de2: torch.Tensor,
+) -> RealEPGState:
+    """:func:`relax_real` of a state stacked with its derivatives along a leading axis of 3
+    (value, d/dT1, d/dT2). ``de1``, ``de2``: dE1/dT1 and dE2/dT2. RF pulses and gradient shifts
+    are linear in the state, so :func:`rf_real` and :func:`shift_real` apply to such a stack as
+    they are; only relaxation depends on T1 and T2 (exact forward-mode derivatives at three
+    times the cost of one simulation, instead of the five of central differences)."""
+    e1, e2 = _as_last(e1, state.a), _as_last(e2, state.a)
+    de1, de2 = _as_last(de1, state.a), _as_last(de2, state.a)
+    a, b, z = state
+    k0 = torch.zeros(state.n_states, dtype=state.a.dtype, device=state.a.device)
+    k0[0] = 1.0
+    a_new = torch.stack([a[0] * e2, a[1] * e2, a[2] * e2 + a[0] * de2])
+    b_new = torch.stack([b[0] * e2, b[1] * e2, b[2] * e2 + b[0] * de2])
+    z_new = torch.stack([z[0] * e1 + (1 - e1) * k0, z[1] * e1 + (z[0] - k0) * de1, z[2] * e1])
+    return RealEPGState(a_new, b_new, z_new)
+
+
 def shift_real(state: RealEPGState) -> RealEPGState:
     """One positive gradient unit, real representation (``F+_0 = conj(F-_1)`` -> ``a_0 = -b_1``)."""
     a, b, z = state

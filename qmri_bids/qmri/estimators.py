@@ -208,13 +208,14 @@ class NllsEstimator(Estimator):
 
     def fit(self, model: SignalModel, data: np.ndarray, *, mask: np.ndarray,
             b1: np.ndarray | None, noise: float | None) -> MapSet:
+        from qmri_bids.qmri.crb import jacobian_mode
         from qmri_bids.qmri.nlls import fit_nlls
 
         # Chunks keep the Jacobians of long signals (MRF: 1000 real outputs per voxel) within
-        # memory; forward-mode Jacobians where outputs outnumber parameters.
+        # memory; the Jacobian mode is the one the CRB uses for the same model.
         n_out = data.shape[-1] * (2 if np.iscomplexobj(data) else 1)
         chunk = max(64, int(2**22 // max(n_out * model.n_parameters, 1)))
-        mode = "fwd" if n_out > 4 * model.n_parameters else "rev"
+        mode = jacobian_mode(model, model.n_parameters)
         index = np.flatnonzero(mask.reshape(-1))
         flat = data.reshape(-1, data.shape[-1])
         flat_b1 = None if b1 is None else b1.reshape(-1)

@@ -144,15 +144,15 @@ def fit_nlls(
     max_iter: int = 100,
     ftol: float | None = None,
     xtol: float | None = None,
-    jacobian_mode: str = "rev",
+    jacobian_mode: str = "auto",
 ) -> NllsFit:
     """Fit ``model`` to ``data[..., N]`` by bounded Levenberg–Marquardt, voxel by voxel.
 
     ``b1[...]`` is the relative B1+ per voxel, ``mask[...]`` selects the voxels to fit (voxels
     with non-finite data are always skipped), ``init[..., P]`` overrides the model's initial
     guess. Works in the dtype and on the device of ``data`` (complex data for complex models).
-    ``jacobian_mode="fwd"`` suits long signals (MRF); see
-    :func:`~qmri_bids.qmri.crb.model_jacobian`. Convergence: relative cost decrease ≤ ``ftol``,
+    ``jacobian_mode``: see :func:`~qmri_bids.qmri.crb.model_jacobian` (``"auto"``: the mode
+    the CRB uses for the same model). Convergence: relative cost decrease ≤ ``ftol``,
     relative step ≤ ``xtol``, an exact fit, or damping beyond 1e12 (no further descent).
     """
     data = torch.as_tensor(data)

@@ -183,6 +183,13 @@ def crb_sd_maps(
     flat = p.reshape(-1, p.shape[-1])
     out = torch.full_like(flat, float("nan"))
     idx_all = torch.nonzero(sel).flatten()
+    if idx_all.numel():
+        # Jacobians of long signals (MRF: 1000 real values x 4 parameters per voxel) in chunks
+        # of at most ~256 MB.
+        with torch.no_grad():
+            n_out = _real_view(model.forward(flat[idx_all[:1]], None if kb is None
+                                             else kb[idx_all[:1]])).shape[-1]
+        chunk = max(1024, min(chunk, 2**25 // max(1, n_out * flat.shape[-1])))
     for s in progress(range(0, idx_all.numel(), chunk), desc=f"CRB SD ({model.name})",
                       unit="chunks"):
         idx = idx_all[s: s + chunk]

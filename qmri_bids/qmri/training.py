@@ -71,6 +71,7 @@ class TrainingReport:
     hardware: str
     torch_version: str
     history: list[tuple[int, float]] = field(default_factory=list)
+    initialised_from: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -254,6 +255,7 @@ def train_estimator(
     pool: Pool | None = None,
     num_threads: int | None = 1,
     stop_after: int | None = None,
+    init_weights: str | Path | None = None,
 ) -> tuple[CrbEstimator, TrainingReport]:
     """Train an estimator for ``model`` (one protocol). Returns (network in eval mode, report).
 
@@ -263,7 +265,9 @@ def train_estimator(
     CPU threads during training (default 1: these small networks train ~10-20× *faster* on one
     thread than on two contended ones; None keeps the current setting). ``stop_after``: run at
     most this many steps in this call (time-sliced training with ``checkpoint_dir``; the run is
-    then reported ``truncated`` and a later call resumes it).
+    then reported ``truncated`` and a later call resumes it). ``init_weights``: start from a
+    finished network's safetensors (same config; its SVD basis and M0 table come with it) and
+    run a fresh cosine schedule -- continued training after a schedule has decayed to zero.
     """
     old_threads = torch.get_num_threads()
     if num_threads is not None:
@@ -271,14 +275,14 @@ def train_estimator(
     try:
         return _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_size,
                       learning_rate, pool_size, device, config, snr_reference, checkpoint_dir,
-                      checkpoint_every, pool, stop_after)
+                      checkpoint_every, pool, stop_after, init_weights)
     finally:
         torch.set_num_threads(old_threads)
 
 
 def _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_size,
            learning_rate, pool_size, device, config, snr_reference, checkpoint_dir,
-           checkpoint_every, pool, stop_after):
+           checkpoint_every, pool, stop_after, init_weights=None):
     if loss not in ("crb", "mse"):
         raise ValueError(f"loss must be 'crb' or 'mse', got {loss!r}")
     device = torch.device(device)
@@ -296,6 +300,11 @@ def _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_si
         net.set_svd_basis(pool.signal[: min(20000, pool.signal.shape[0])])
         if net.has_m0_table:
             net.set_m0_table()
+    if init_weights is not None:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(str(init_weights)))
+        log.info("%s: initialised from %s", model.name, init_weights)
     net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=learning_rate)
     gen = torch.Generator().manual_seed(seed + 2)
@@ -361,6 +370,7 @@ def _train(model, prior, snr_range, loss, seed, n_steps, time_budget_s, batch_si
         training_time_s=round(time.perf_counter() - t0, 2), pool_time_s=round(pool_time, 2),
         final_loss=running, truncated=truncated, hardware=hardware_string(device),
         torch_version=torch.__version__, history=history,
+        initialised_from=None if init_weights is None else Path(init_weights).name,
     )
     return net.cpu(), report
 

@@ -578,6 +578,68 @@ class MRFModel(SignalModel):
             state = epg.shift(epg.relax(state, e1_rest[..., i], e2_rest[..., i]))
         return 1j * torch.stack(out, dim=-1)
 
+    def fingerprint_derivatives(
+        self, t1: torch.Tensor, t2: torch.Tensor, b1: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Unit-M0 fingerprint and its exact derivatives by T1 and T2, ``[3, ..., N]`` (real
+        path only; None when the schedule has RF phases). One simulation of the state stacked
+        with its tangents (:func:`~qmri_bids.qmri.epg.relax_real_tangents`)."""
+        if not self._real_path:
+            return None
+        batch = torch.broadcast_shapes(t1.shape, t2.shape, () if b1 is None else b1.shape)
+        dt, dev = t1.dtype, t1.device
+        t1, t2 = t1.expand(batch), t2.expand(batch)
+        scale = torch.ones(batch, dtype=dt, device=dev) if b1 is None else b1.expand(batch)
+        t1u, t2u = t1.unsqueeze(-1), t2.unsqueeze(-1)
+        te, rest = self._te.to(dt).to(dev), self._tr_rest.to(dt).to(dev)
+
+        def factors(duration: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            e1, e2 = torch.exp(-duration / t1u), torch.exp(-duration / t2u)
+            return e1, e2, e1 * duration / t1u**2, e2 * duration / t2u**2
+
+        f_te, f_rest = factors(te), factors(rest)
+        alpha = self._alpha.to(dt).to(dev) * scale.unsqueeze(-1)
+        value = epg.equilibrium_real(batch, self.n_states, dtype=dt, device=dev)
+        zero = torch.zeros_like(value.a)
+        rst = epg.RealEPGState(torch.stack([value.a, zero, zero]),
+                               torch.stack([value.b, zero, zero]),
+                               torch.stack([value.z, zero, zero]))
+        inversion = self.schedule.inversion_time
+        if inversion is not None:
+            rst = epg.RealEPGState(rst.a, rst.b, -rst.z)
+            ti = torch.as_tensor(inversion, dtype=dt, device=dev)
+            rst = epg.relax_real_tangents(rst, *(f[..., 0] for f in factors(ti.reshape(1))))
+        out = []
+        for i in range(self.n_timepoints):
+            rst = epg.rf_real(rst, alpha[..., i])
+            rst = epg.relax_real_tangents(rst, *(f[..., i] for f in f_te))
+            out.append(rst.signal())
+            rst = epg.shift_real(epg.relax_real_tangents(rst, *(f[..., i] for f in f_rest)))
+        return torch.stack(out, dim=-1)
+
+    @property
+    def has_exact_jacobian(self) -> bool:
+        # B1 estimated or RF phases: :func:`~qmri_bids.qmri.crb.model_jacobian` differences
+        return not self.estimate_b1 and self._real_path
+
+    def jacobian(self, params: torch.Tensor, b1: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Signal (real view ``[..., 2N]``) and exact Jacobian ``[..., 2N, P]`` from
+        :meth:`fingerprint_derivatives` (M0 enters linearly)."""
+        if not self.has_exact_jacobian:
+            return super().jacobian(params, b1)
+        kb = None if b1 is None else torch.as_tensor(b1, dtype=params.dtype,
+                                                     device=params.device)
+        d = self.fingerprint_derivatives(params[..., 2], params[..., 3], kb)
+        f, df1, df2 = d[0], d[1], d[2]
+        m0r, m0i = params[..., 0:1], params[..., 1:2]
+        zero = torch.zeros_like(f)
+        signal = torch.cat([m0r * f, m0i * f], -1)
+        jac = torch.stack([torch.cat([f, zero], -1), torch.cat([zero, f], -1),
+                           torch.cat([m0r * df1, m0i * df1], -1),
+                           torch.cat([m0r * df2, m0i * df2], -1)], -1)
+        return signal, jac
+
     def initial_guess(self, data: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
         """NLLS start from a coarse dictionary match (T1 50 ms-4 s, T2 5 ms-2 s, 15 % steps,
         ~700 atoms, built once per model, device and dtype); the B1 parameter starts at 1 (a

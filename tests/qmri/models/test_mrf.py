@@ -250,3 +250,33 @@ def test_nlls_on_complex_mrf_data():
     data = model(truth)
     fit = nlls.fit_nlls(model, data)
     torch.testing.assert_close(fit.params, truth, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("inversion", [0.02, None])
+def test_exact_jacobian_matches_automatic_differentiation(inversion):
+    """The tangent-propagated Jacobian (used by the CRB maps and NLLS) equals jacfwd through
+    the simulation, with and without an inversion, at known B1 values."""
+    from qmri_bids.qmri.crb import jacobian_mode, model_jacobian
+
+    model = MRFModel(short_schedule(50, inversion), n_states=16, estimate_b1=False)
+    assert model.has_exact_jacobian and jacobian_mode(model, 4) == "model"
+    p = torch.tensor([[0.8, 0.3, 0.9, 0.07], [-0.5, 1.1, 2.5, 0.4], [1.0, 0.0, 0.15, 0.012]],
+                     dtype=torch.float64)
+    b1 = torch.tensor([1.0, 0.75, 1.3], dtype=torch.float64)
+    s, jac = model_jacobian(model, p, b1, mode="model")
+    s_ad, jac_ad = model_jacobian(model, p, b1, mode="fwd")
+    assert jac.shape == (3, 100, 4)
+    torch.testing.assert_close(s, s_ad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jac, jac_ad, rtol=1e-9, atol=1e-10)
+
+
+def test_exact_jacobian_not_claimed_where_it_does_not_apply():
+    from qmri_bids.qmri.crb import jacobian_mode
+
+    assert not MRFModel(short_schedule(20), n_states=8).has_exact_jacobian  # B1 estimated
+    phased = MRFModel(MRFSchedule(flip_angle_deg=np.full(20, 20.0), tr=np.full(20, 0.01),
+                                  te=np.full(20, 0.002), rf_phase_deg=np.arange(20) * 10.0),
+                      n_states=8, estimate_b1=False)
+    assert not phased.has_exact_jacobian and jacobian_mode(phased, 4) != "model"
+    with pytest.raises(NotImplementedError):
+        phased.jacobian(torch.tensor([1.0, 0.0, 1.0, 0.1], dtype=torch.float64))
