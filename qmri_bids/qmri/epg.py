@@ -160,6 +160,39 @@ def relax(
     return EPGState(fp * e2, fm * e2, z_new)
 
 
+def relax_t2_tangent(state: EPGState, e1: torch.Tensor | float, e2: torch.Tensor,
+                     de2: torch.Tensor) -> EPGState:
+    """:func:`relax` of a state stacked with its derivatives along a leading axis (value,
+    d/dT2, then derivatives by parameters that relaxation does not depend on, e.g. B1) at a
+    fixed T1; ``de2`` = dE2/dT2. RF pulses and shifts are linear in the state (the shift's
+    conjugate too, for a real parameter) and apply to the stack as they are; a parameter of
+    the pulses adds :func:`rf_dalpha` to its slot."""
+    e1, e2, de2 = _as_last(e1, state.fp), _as_last(e2, state.fp), _as_last(de2, state.fp)
+    fp, fm, z = state
+    k0 = torch.zeros(state.n_states, dtype=state.fp.real.dtype, device=state.fp.device)
+    k0[0] = 1.0
+    fp_new, fm_new, z_new = fp * e2, fm * e2, z * e1
+    fp_new[1] += fp[0] * de2
+    fm_new[1] += fm[0] * de2
+    z_new[0] += (1 - e1) * k0
+    return EPGState(fp_new, fm_new, z_new)
+
+
+def rf_dalpha(state: EPGState, alpha: torch.Tensor | float,
+              phi: torch.Tensor | float = 0.0) -> EPGState:
+    """Derivative of :func:`rf` by the flip angle, applied to ``state`` (dR/dalpha · state)."""
+    a = _as_last(alpha, state.fp)
+    p = _as_last(phi, state.fp)
+    sa, ca = torch.sin(a), torch.cos(a)
+    e = torch.polar(torch.ones_like(p), p)
+    ec = e.conj()
+    j = 1j
+    fp, fm, z = state
+    return EPGState(-0.5 * sa * fp + 0.5 * e * e * sa * fm - j * e * ca * z,
+                    0.5 * ec * ec * sa * fp - 0.5 * sa * fm + j * ec * ca * z,
+                    -0.5j * ec * ca * fp + 0.5j * e * ca * fm - sa * z)
+
+
 def shift(state: EPGState, n: int = 1) -> EPGState:
     """Dephasing by ``n`` (>= 0) positive gradient units; orders leaving the range are dropped."""
     if n < 0:
