@@ -116,10 +116,28 @@ class _ScaledModel(SignalModel):
             ParameterSpec(f"scale{i}", "", -math.inf, math.inf, True) for i in range(self.n_scale)
         ) + tuple(ParameterSpec(n, "", -math.inf, math.inf) for n in prior.names)
 
-    def forward(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
+    def _full(self, params: torch.Tensor) -> torch.Tensor:
         k = self.n_scale
         m0 = torch.complex(params[..., 0], params[..., 1]) if k == 2 else params[..., 0]
-        return self.model.forward(assemble_params(self.model, self.prior, params[..., k:], m0), b1)
+        return assemble_params(self.model, self.prior, params[..., k:], m0)
+
+    def forward(self, params: torch.Tensor, b1: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model.forward(self._full(params), b1)
+
+    @property
+    def has_exact_jacobian(self) -> bool:
+        # without relative parameters the reparameterisation only reorders the parameters
+        return self.model.has_exact_jacobian and not self.prior.relative
+
+    def jacobian(self, params: torch.Tensor, b1: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.has_exact_jacobian:
+            return super().jacobian(params, b1)
+        signal, jac = self.model.jacobian(self._full(params), b1)
+        names = self.model.parameter_names
+        scale = ("M0_re", "M0_im") if self.n_scale == 2 else (self.prior.scale,)
+        order = [names.index(n) for n in (*scale, *self.prior.names)]
+        return signal, jac[..., order]
 
 
 def unit_crb(
@@ -134,9 +152,9 @@ def unit_crb(
 
     Returns (``crb[..., P_out]``, ``signal[..., N]``). For a scale M0 and noise σ the CRB is
     ``crb · σ²/|M0|²``; all scale and nuisance parameters are unknowns of the Fisher matrix.
-    ``jacobian``: ``"exact"`` (torch.func), ``"fd"`` (float64 central differences) or
-    ``"auto"`` (:func:`qmri_bids.qmri.crb.jacobian_mode`: differences for signals longer than
-    64 points such as MRF).
+    ``jacobian``: ``"exact"`` (the model's own Jacobian where it has one, else torch.func),
+    ``"fd"`` (float64 central differences) or ``"auto"``
+    (:func:`qmri_bids.qmri.crb.jacobian_mode`).
     """
     sm = _ScaledModel(model, prior)
     batch = shape.shape[:-1]
@@ -150,6 +168,8 @@ def unit_crb(
             "fd": "fd"}.get(jacobian, jacobian_mode(sm, full.shape[-1]))
     if mode == "fd":
         chunk = min(chunk, 1024)
+    elif mode == "model":
+        chunk = min(chunk, 4096)
     for s in range(0, full.shape[0], chunk):
         kb = None if b1f is None else b1f[s: s + chunk]
         with torch.no_grad():
