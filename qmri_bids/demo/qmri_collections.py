@@ -16,8 +16,9 @@ phantom (affine = the phantom's, shifted to the first slab slice):
   maps the VFA of that subject with the B1 map it computes from them;
 * ``anat/*_inv-{1..9}_IRT1``: magnitude IR, TI 0.35-1.7 s, RepetitionTime 2.55 s
   (:class:`~qmri_bids.qmri.models.irt1.IRT1TRModel`), Rician noise;
-* ``anat/*_echo-{1..10}_MESE``: CPMG, TE 12.9 ms x k, RefocusingFlipAngle 180 with ideal
-  refocusing (:class:`~qmri_bids.qmri.models.mese.MESEMonoModel`), Rician noise;
+* ``anat/*_echo-{1..10}_MESE``: CPMG, TE 12.9 ms x k, nominal RefocusingFlipAngle 180,
+  simulated with the EPG model of the train at the true B1 (stimulated echoes where B1 is not
+  1; :class:`~qmri_bids.qmri.models.mese_epg.MESEEPG`), Rician noise;
 * ``anat/*_part-{mag,phase}_MRF`` + ``*_mrfschedule.{tsv,json}`` (MRF_CONVENTION.md): FISP-MRF
   with the default schedule (:func:`~qmri_bids.qmri.models.mrf.default_mrf_schedule`),
   :class:`~qmri_bids.qmri.models.mrf.MRFModel` (default EPG truncation) with the true B1
@@ -258,17 +259,21 @@ def write_subject_collections(out_dir: Path, label: str, phantom: Phantom,
     _truth(gt_anat, f"{sub}_acq-irt1", aff, {"T1map": t1, "M0map": m0,
                                              "desc-tissue_dseg": labels}, meta)
 
-    # --- MESE (ideal 180 deg refocusing: mono-exponential)
+    # --- MESE: a CPMG train at the true B1, so with the stimulated echoes of real trains
     m0_se = m0 * (1.0 - np.exp(-MESE_TR / t1))
     names = [f"{sub}_echo-{i}_MESE" for i in range(1, len(MESE_TE) + 1)]
     metas = [{**common, "PulseSequenceType": "SE", "EchoTime": te, "RepetitionTime": MESE_TR,
               "FlipAngle": 90, "RefocusingFlipAngle": 180} for te in MESE_TE]
-    mese = sidecar_model("MESE", names, metas)
-    data, sigma = noisy(_simulate(mese, np.stack([m0_se, t2], -1)), "MESE")
+    mese = sidecar_model("MESE", names, metas).estimation_model(b1_known=True)
+    data, sigma = noisy(_simulate(mese, np.stack([m0_se, t2], -1), b1), "MESE")
     _write_members(anat, names, data, aff, metas)
     meta = {"Model": type(mese).__name__, "NoiseSigma": sigma, "NoiseDistribution": "Rician",
             "Units": {"T2map": "s", "M0map": "a.u."},
-            "M0Definition": "1000 * PD * (1 - exp(-RepetitionTime / T1))"}
+            "M0Definition": "1000 * PD * (1 - exp(-RepetitionTime / T1))",
+            "Simulation": "EPG of the CPMG train (refocusing and excitation scaled by the true "
+                          f"B1 of the VFA's TB1map, T1 {mese.t1:g} s in the stimulated-echo "
+                          "pathways): no TB1map is given for the MESE collection, so the "
+                          "pipeline estimates B1 from the train"}
     _truth(gt_anat, f"{sub}_acq-mese", aff, {"T2map": t2, "M0map": m0_se,
                                              "desc-tissue_dseg": labels}, meta)
 
