@@ -44,6 +44,8 @@ from qmri_bids.qmri.training import (
 )
 
 HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = str(HERE / "results" / "estimators.json")
+LOG = logging.getLogger("qmri_bids.bench_estimators")
 
 
 def _demo_models():
@@ -176,13 +178,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n-rep", type=int, default=100)
     ap.add_argument("--steps", type=int, default=settings["n_steps"],
                     help="training steps of the MSE (and, if not shipped, CRB) networks")
-    ap.add_argument("--out", default=str(HERE / "results" / "estimators.json"))
+    ap.add_argument("--out", default=DEFAULT_OUT,
+                    help="JSON results (default results/estimators.json; with --speed-only "
+                         "results/throughput.json)")
     ap.add_argument("--mrf", action="store_true", help="also MRF: networks vs dictionary")
     ap.add_argument("--mrf-steps", type=int, default=10000)
     ap.add_argument("--wait-shipped-s", type=float, default=0.0,
                     help="MRF: wait this long for a shipped CRB network with --mrf-steps steps")
     ap.add_argument("--speed-only", action="store_true",
-                    help="only re-measure the speeds of the models already in --out")
+                    help="only measure the speeds of the shipped networks of --models (and of "
+                         "the MRF network against the dictionary with --mrf); no training")
+    ap.add_argument("--n-voxels", type=int, default=1_000_000,
+                    help="voxels of the network throughput measurement")
     ap.add_argument("--merge", action="store_true",
                     help="add to the models already in --out instead of replacing the file")
     args = ap.parse_args(argv)
@@ -191,16 +198,32 @@ def main(argv: list[str] | None = None) -> None:
     results = {"hardware": f"{platform.processor() or platform.machine()}, torch threads 2 "
                            "(shared 2-core machine: timings pessimistic)",
                "torch_version": torch.__version__, "n_rep": args.n_rep, "models": {}}
-    if (args.merge or args.speed_only) and Path(args.out).is_file():
+    if args.speed_only and args.out == DEFAULT_OUT:
+        args.out = str(HERE / "results" / "throughput.json")
+    if args.merge and Path(args.out).is_file():
         results["models"] = json.loads(Path(args.out).read_text())["models"]
     if args.speed_only:
         for name in args.models:
-            if name not in results["models"]:
-                continue
             model = demo[name]()
-            net, _ = load_estimator(SHIPPED_DIR / estimator_stem(model.name,
-                                                                 model.to_protocol()), model)
-            results["models"][name]["speed"] = speed(model, net, 200_000, 4000)
+            stem = SHIPPED_DIR / estimator_stem(model.name, model.to_protocol())
+            if not stem.with_suffix(".json").is_file():
+                LOG.warning("%s: no shipped network for this protocol, skipped", name)
+                continue
+            net, card = load_estimator(stem, model)
+            entry = results["models"].setdefault(name, {})
+            entry["crb_network"] = f"shipped {stem.name} ({card['steps']} steps)"
+            entry["speed"] = speed(model, net, args.n_voxels, 4000)
+        if args.mrf:
+            from qmri_bids.qmri.dictionary import DictionaryMatcher, default_mrf_grid
+            from qmri_bids.qmri.models.mrf import MRFModel
+
+            model = MRFModel(estimate_b1=False)
+            stem = SHIPPED_DIR / estimator_stem(model.name, model.to_protocol())
+            net, card = load_estimator(stem, model)
+            entry = results["models"].setdefault("mrf", {})
+            entry["crb_network"] = f"shipped {stem.name} ({card['steps']} steps)"
+            entry["speed"] = speed_mrf(model, net, DictionaryMatcher(model, default_mrf_grid()),
+                                       20_000)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(markdown(results))
         return
@@ -225,7 +248,7 @@ def main(argv: list[str] | None = None) -> None:
         entry["crb"] = validate(crb_net, model, prior, n_rep=args.n_rep)
         entry["mse"] = validate(mse_net, model, prior, n_rep=args.n_rep)
         entry["nlls"] = validate(nlls_estimator(model), model, prior, n_rep=args.n_rep)
-        entry["speed"] = speed(model, crb_net, 200_000, 4000)
+        entry["speed"] = speed(model, crb_net, args.n_voxels, 4000)
         entry["wall_s"] = time.perf_counter() - t0
         results["models"][name] = entry
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -241,26 +264,33 @@ def markdown(results: dict) -> str:
              f"{results['n_rep']} noise realisations per grid point.\n")]
     for name, e in results["models"].items():
         third = "dictionary" if name == "mrf" else "NLLS"
-        lines.append(f"## {name}\n\nCRB network: {e['crb_network']}. Third column: {third}.\n")
-        lines.append("| SNR | parameter | eff. CRB-net | eff. MSE-net | eff. NLLS | "
-                     "rel. bias CRB-net | rel. bias MSE-net | rel. bias NLLS | "
-                     "CRB-loss CRB-net / MSE-net / NLLS |")
-        lines.append("|---|---|---|---|---|---|---|---|---|")
-        for snr, d in e["crb"]["snr"].items():
-            for p, v in d["parameters"].items():
-                m = e["mse"]["snr"][snr]["parameters"][p]
-                n = e["nlls"]["snr"][snr]["parameters"][p]
-                losses = " / ".join(f"{e[k]['snr'][snr]['crb_loss']:.3g}"
-                                    for k in ("crb", "mse", "nlls"))
-                lines.append(f"| {snr} | {p} | {v['efficiency_median']:.3f} | "
-                             f"{m['efficiency_median']:.3f} | {n['efficiency_median']:.3f} | "
-                             f"{v['bias_rel_median']:.4f} | {m['bias_rel_median']:.4f} | "
-                             f"{n['bias_rel_median']:.4f} | {losses} |")
+        lines.append(f"## {name}\n\nCRB network: {e['crb_network']}.\n")
+        if "crb" in e:
+            lines += _accuracy_table(e, third)
         s = e["speed"]
         other = s.get("nlls_voxels_per_s", s.get("dictionary_voxels_per_s"))
-        lines.append(f"\nSpeed: network {s['network_voxels_per_s']:.3g} voxels/s, {third} "
-                     f"{other:.3g} voxels/s → **{s['speedup']:.0f}×**.\n")
+        n = s.get("n_network", s.get("n"))
+        lines.append(f"\nSpeed ({n} voxels): network {s['network_voxels_per_s']:.3g} voxels/s, "
+                     f"{third} {other:.3g} voxels/s → **{s['speedup']:.0f}×**.\n")
     return "\n".join(lines)
+
+
+def _accuracy_table(e: dict, third: str) -> list[str]:
+    lines = [f"Third column: {third}.\n",
+             ("| SNR | parameter | eff. CRB-net | eff. MSE-net | eff. NLLS | rel. bias CRB-net | "
+              "rel. bias MSE-net | rel. bias NLLS | CRB-loss CRB-net / MSE-net / NLLS |"),
+             "|---|---|---|---|---|---|---|---|---|"]
+    for snr, d in e["crb"]["snr"].items():
+        for p, v in d["parameters"].items():
+            m = e["mse"]["snr"][snr]["parameters"][p]
+            n = e["nlls"]["snr"][snr]["parameters"][p]
+            losses = " / ".join(f"{e[k]['snr'][snr]['crb_loss']:.3g}"
+                                for k in ("crb", "mse", "nlls"))
+            lines.append(f"| {snr} | {p} | {v['efficiency_median']:.3f} | "
+                         f"{m['efficiency_median']:.3f} | {n['efficiency_median']:.3f} | "
+                         f"{v['bias_rel_median']:.4f} | {m['bias_rel_median']:.4f} | "
+                         f"{n['bias_rel_median']:.4f} | {losses} |")
+    return lines
 
 
 if __name__ == "__main__":

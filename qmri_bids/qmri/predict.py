@@ -62,7 +62,7 @@ def estimate_maps(
     data: Any,
     b1: Any = None,
     mask: Any = None,
-    chunk: int = 65536,
+    chunk: int | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, np.ndarray]:
     """All parameter maps ``{name: array[...]}`` (float64) of ``net``'s model for ``data[..., N]``.
@@ -71,7 +71,9 @@ def estimate_maps(
     shape; the last axis must follow the protocol order the network was trained for. ``b1``:
     relative B1+ ``[...]`` for networks with a B1 input (ignored otherwise; 1 when None).
     Voxels outside ``mask`` or with non-finite data/B1 are NaN. Quantities derived from the
-    parameters (MEGRE's T2*) are the model's ``derived_maps``.
+    parameters (MEGRE's T2*) are the model's ``derived_maps``. ``chunk``: voxels per batch
+    (default 2048 on the CPU, where a batch's activations then stay in cache: 2-3x the
+    throughput of 65536-voxel batches on the demo networks; 65536 on a GPU).
     """
     y = _as_tensor(data)
     if y.ndim < 1 or y.shape[-1] != net.config.n_inputs:
@@ -91,6 +93,8 @@ def estimate_maps(
     names = net.signal_model.parameter_names
     out = torch.full((flat.shape[0], len(names)), float("nan"), dtype=torch.float64)
     idx_all = torch.nonzero(sel).flatten()
+    if chunk is None:
+        chunk = 2048 if torch.device(device).type == "cpu" else 65536
     net = net.to(device).eval()
     in_dtype = torch.complex64 if y.is_complex() else torch.float32
     for s in progress(range(0, idx_all.numel(), chunk), desc=f"network ({net.config.model_name})",
