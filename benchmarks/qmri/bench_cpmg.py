@@ -44,6 +44,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / "benchmarks" / "qmri" / "scratch" / "cpmg_models"
 OUT = REPO / "benchmarks" / "qmri" / "results" / "cpmg.json"
 ESP, N_ECHOES, SNR, B1 = 0.010, 32, 200.0, 0.85
+LOG = logging.getLogger("qmri_bids.bench_cpmg")
 T2S = (0.04, 0.06, 0.09, 0.12, 0.15)
 NOISE_FLOOR_T2, NOISE_FLOOR_SNRS = 0.09, (20.0, 50.0, 100.0, 200.0)
 B1_SWEEP = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2)
@@ -90,19 +91,19 @@ def main() -> int:
             "nlls_epg_known_b1": float(np.median(t2_of("nlls", epg_known, epg_data, b1map))),
         }
         rows.append(row)
-        logging.info("%s", row)
+        LOG.info("%s", row)
     sweep = []
     for b1 in B1_SWEEP:
         data = simulate(epg_known, NOISE_FLOOR_T2, 400, b1, rng)
         sweep.append({"b1": b1, "nn_mono": float(np.median(t2_of("nn", mono, data, None))),
                       "nlls_mono": float(np.median(t2_of("nlls", mono, data, None)))})
-        logging.info("%s", sweep[-1])
+        LOG.info("%s", sweep[-1])
     floor = []
     for snr in NOISE_FLOOR_SNRS:
         data = simulate(mono, NOISE_FLOOR_T2, 400, None, rng, snr)
         floor.append({"snr": snr, "nn_mono": float(np.median(t2_of("nn", mono, data, None))),
                       "nlls_mono": float(np.median(t2_of("nlls", mono, data, None)))})
-        logging.info("%s", floor[-1])
+        LOG.info("%s", floor[-1])
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({"esp_s": ESP, "n_echoes": N_ECHOES, "snr": SNR, "b1": B1,
                                "rows": rows, "noise_floor_t2_s": NOISE_FLOOR_T2,
