@@ -17,7 +17,6 @@ import math
 import os
 import re
 import sys
-import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -502,29 +501,27 @@ def run_reports_only(config) -> int:
 
 
 class NodeProgress:
-    """One log line per finished node (``[3/11] sub-01 MRF mapping done in 72 s``), from
-    Nipype's status callback, so a long run is never silent between its steps."""
+    """One log line per finished node (``[3/11] sub-01 MRF mapping done in 72 s``), chained to
+    the :class:`~qmri_bids.reports.NodeTimer`, whose record of the node gives its status and
+    duration, so a long run is never silent between its steps."""
 
     def __init__(self, total: int):
         self.total = max(int(total), 1)
         self.done = 0
-        self._started: dict[str, float] = {}
 
-    def __call__(self, node, status: str) -> None:
-        name = str(getattr(node, "fullname", None) or getattr(node, "name", node))
-        if name.startswith("_") and "." not in name:
-            return  # a MapNode's sub-node: its MapNode is reported
-        if status == "start":
-            self._started[name] = time.monotonic()
-            return
-        if status not in ("end", "exception"):
-            return
+    def __call__(self, node, status: str, record=None) -> None:
+        if record is None or status not in ("end", "exception"):
+            return  # a start, or a MapNode's sub-node (its MapNode is reported)
         self.done += 1
         self.total = max(self.total, self.done)
-        began = self._started.pop(name, None)
-        took = "" if began is None else f" in {time.monotonic() - began:.0f} s"
-        what = "FAILED" if status == "exception" else ("done" + took if took else "cached")
-        LOGGER.info("[%d/%d] %s %s", self.done, self.total, _readable_node(name), what)
+        if record.status == "failed":
+            what = "FAILED"
+        elif record.status == "cached":
+            what = "cached"
+        else:
+            what = "done" + ("" if record.duration_s is None
+                             else f" in {record.duration_s:.0f} s")
+        LOGGER.info("[%d/%d] %s %s", self.done, self.total, _readable_node(record.name), what)
 
 
 def _readable_node(fullname: str) -> str:

@@ -335,11 +335,13 @@ class NodeTimer:
     """A Nipype ``status_callback``: records when each node started and ended, and how.
 
     Pass it as ``plugin_args["status_callback"]`` (MultiProc, Linear, the cluster plugins);
-    ``chain`` is called after it with the same arguments (the progress printer). It is a plain
-    callable, so this module does not import Nipype; it is called in the main process only.
+    ``chain`` is called after it with the same node and status and a copy of the node's record
+    (None for a MapNode's sub-node): the progress printer reads its status and duration from
+    there. It is a plain callable, so this module does not import Nipype; it is called in the
+    main process only.
     """
 
-    def __init__(self, chain: Callable[[Any, str], None] | None = None,
+    def __init__(self, chain: Callable[[Any, str, NodeRecord | None], None] | None = None,
                  clock: Callable[[], float] = time.time):
         self.chain = chain
         self.clock = clock
@@ -361,7 +363,7 @@ class NodeTimer:
             # A MapNode's sub-node (named _<node><i>, without its workflow path): the MapNode
             # itself is recorded.
             if self.chain is not None:
-                self.chain(node, status)
+                self.chain(node, status, None)
             return
         now = self.clock()
         with self._lock:
@@ -389,8 +391,9 @@ class NodeTimer:
                     rec.peak_mem_gb = _float(max(p for p in peaks if p is not None))
                 if rec.duration_s is None and rec.started is not None:
                     rec.duration_s = round(now - rec.started, 3)
+            copy = NodeRecord(**asdict(rec))
         if self.chain is not None:
-            self.chain(node, status)
+            self.chain(node, status, copy)
 
     @property
     def records(self) -> list[NodeRecord]:

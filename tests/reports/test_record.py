@@ -70,7 +70,7 @@ class _Node:
 def test_node_timer_statuses_and_durations():
     clock = iter([10.0, 14.5, 20.0, 21.0, 30.0, 40.0, 41.0]).__next__
     seen = []
-    timer = rr.NodeTimer(chain=lambda n, s: seen.append((n.fullname, s)), clock=clock)
+    timer = rr.NodeTimer(chain=lambda n, s, r: seen.append((n.fullname, s, r)), clock=clock)
     ran = _Node("wf.sub_01_wf.anat_00_T1w_bias_wf.cnn",
                 runtime=SimpleNamespace(duration=4.2, mem_peak_gb=1.3))
     timer(ran, "start")
@@ -93,13 +93,16 @@ def test_node_timer_statuses_and_durations():
     assert (recs["map"].status, recs["map"].duration_s) == ("failed", 1.0)  # wall clock
     assert (recs["n4"].status, recs["n4"].started) == ("cached", None)
     assert (recs["ds_maps"].status, recs["ds_maps"].duration_s) == ("done", 0.3)
-    assert ("_ds_maps0", "end") in seen and len(seen) == 7
+    assert ("_ds_maps0", "end", None) in seen and len(seen) == 7
+    # the chained callback gets the record as it stands after the event
+    assert [(r.status, r.duration_s) for n, s, r in seen if s == "end" and r is not None] == [
+        ("done", 4.2), ("cached", 2.0), ("done", 0.3)]
     assert [r.name for r in timer.records_for("anat_00_T1w_bias_wf")] == [ran.fullname]
 
 
 def test_node_timer_pickles_for_mapnodes():
     """A MapNode stores the plugin arguments, this callback among them, and pickles itself."""
-    timer = rr.NodeTimer(chain=lambda n, s: None)
+    timer = rr.NodeTimer(chain=lambda n, s, r: None)
     timer(_Node("wf.a"), "start")
     copy = pickle.loads(pickle.dumps(timer))
     assert copy.records == [] and copy.chain is None
@@ -211,3 +214,28 @@ def test_new_record_from_discovery_matches_the_real_workflow(tmp_path):
     for item in rec.inputs:
         owned = {n.name.split(".")[2] for n in rec.nodes_of(item)}
         assert owned == {item.workflow, item.sink_workflow}, item.label
+
+
+def test_progress_lines_follow_the_timer_records(caplog):
+    """The per-node log line says what the timer recorded: a sink run in the main process is
+    'done', not 'cached'; a node without a start (an earlier run's result) is 'cached'."""
+    import logging
+
+    from qmri_bids.cli.run import NodeProgress
+
+    clock = iter([1.0, 4.0, 5.0, 6.0]).__next__
+    timer = rr.NodeTimer(chain=NodeProgress(3), clock=clock)
+    node = _Node("wf.sub_01_wf.qmri_03_MRF_wf.map")
+    sink = _Node("wf.sub_01_wf.ds_qmri_03_MRF_wf.ds_maps", without_submitting=True)
+    old = _Node("wf.sub_01_wf.anat_00_T1w_bias_wf.cnn",
+                runtime=SimpleNamespace(duration=2.0, mem_peak_gb=None))
+    with caplog.at_level(logging.INFO, logger="qmri_bids"):
+        timer(node, "start")
+        timer(node, "end")
+        timer(sink, "end")
+        timer(old, "end")
+        timer(_Node("_ds_maps0"), "end")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+    assert lines == ["[1/3] sub-01 qmri_03_MRF map done in 3 s",
+                     "[2/3] sub-01 ds_qmri_03_MRF ds_maps done",
+                     "[3/3] sub-01 anat_00_T1w_bias cnn cached"]
