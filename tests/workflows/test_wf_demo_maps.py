@@ -51,7 +51,7 @@ EXPECTED = {
 UNITS = {"T1map": "s", "T2map": "s", "R1map": "1/s", "R2map": "1/s", "M0map": "arbitrary"}
 # (acq, parameter) -> tolerance on the median relative error in GM and WM (see module doc)
 TOLERANCE = {("vfa", "T1"): 0.05, ("irt1", "T1"): 0.05, ("mese", "T2"): 0.05,
-             ("mrf", "T1"): 0.05, ("mrf", "T2"): 0.20}
+             ("mrf", "T1"): 0.05, ("mrf", "T2"): 0.03}
 LABELS = {4: "GM", 5: "WM"}
 
 
