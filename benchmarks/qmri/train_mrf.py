@@ -76,14 +76,14 @@ def main() -> int:
             src = SCRATCH / f"{args.ship}-interim.safetensors"
         # The card names its weights file: rename both together under the protocol stem.
         card = json.loads(src.with_suffix(".json").read_text())
-        card.update({"name": stem, "weights_file": f"{stem}.safetensors"})
+        card.update({"name": stem, "weights_file": f"{stem}.safetensors",
+                     "notes": variant_notes(args.ship)})
         shutil.copyfile(src.with_suffix(".safetensors"), SHIPPED_DIR / f"{stem}.safetensors")
         (SHIPPED_DIR / f"{stem}.json").write_text(json.dumps(card, indent=2) + "\n")
         LOG.info("shipped %s as %s", src, SHIPPED_DIR / stem)
         return 0
     if args.export_checkpoint:
         return export_checkpoint(model, args.export_checkpoint)
-    results = json.loads(OUT.read_text()) if OUT.is_file() else {}
     prior = model.default_prior()
     pool = None
     for name in args.only or list(VARIANTS):
@@ -109,18 +109,34 @@ def main() -> int:
                                    checkpoint_dir=SCRATCH / name, validate_n_rep=200,
                                    init_weights=None if init is None
                                    else SCRATCH / f"{init}.safetensors")
-        card["notes"] = f"benchmarks/qmri/train_mrf.py variant {name}"
+        card["notes"] = variant_notes(name)
         export_estimator(net, SCRATCH / name, card)
-        results[name] = {"arch": spec["arch"] or "default", "n_steps": spec["n_steps"],
-                         "initialised_from": init, "learning_rate": kwargs["learning_rate"],
-                         "batch_size": spec["batch_size"], "pool_size": POOL_SIZE,
-                         "training_time_s": card.get("training_time_s"),
-                         "validation": card.get("validation")}
+        entry = {"arch": spec["arch"] or "default", "n_steps": spec["n_steps"],
+                 "initialised_from": init, "learning_rate": kwargs["learning_rate"],
+                 "steps_done": card.get("steps"),  # the gate may have extended it
+                 "batch_size": spec["batch_size"], "pool_size": POOL_SIZE,
+                 "training_time_s": card.get("training_time_s"),
+                 "validation": card.get("validation")}
+        # re-read: another variant may have finished meanwhile (runs in parallel processes)
+        results = json.loads(OUT.read_text()) if OUT.is_file() else {}
+        results[name] = entry
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(results, indent=2) + "\n")
         LOG.info("%s: %s", name, card.get("validation", {}).get("efficiency_median"))
     LOG.info("shipped stem for this protocol: %s", stem)
     return 0
+
+
+def variant_notes(name: str) -> str:
+    """The card's ``notes``: the variant, and for a continued one what it started from."""
+    notes = f"benchmarks/qmri/train_mrf.py variant {name}"
+    init = VARIANTS[name].get("init")
+    if init is not None:
+        done = SCRATCH / f"{init}.json"
+        steps = json.loads(done.read_text()).get("steps") if done.is_file() else None
+        notes += (f", initialised from the final network of variant {init} ({steps} steps); "
+                  f"steps, time and history here are those of the continuation")
+    return notes
 
 
 def export_checkpoint(model: MRFModel, name: str) -> int:
