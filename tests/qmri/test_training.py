@@ -87,6 +87,27 @@ def test_checkpoint_resume_equals_uninterrupted(tmp_path: Path) -> None:
     assert all(torch.allclose(sr[k].float(), sd[k].float(), atol=1e-6) for k in sr)
 
 
+def test_continued_training_starts_from_the_given_weights(tmp_path: Path, vfa_pool) -> None:
+    """``init_weights`` loads a finished network and trains on with a fresh schedule: with a
+    zero learning rate the linear weights stay those of the start, and the report says where
+    it started."""
+    from safetensors.torch import save_file
+
+    first, _ = train_estimator(VFA, n_steps=40, seed=0, pool=vfa_pool, **FAST)
+    path = tmp_path / "first.safetensors"
+    save_file({k: v.contiguous() for k, v in first.state_dict().items()}, str(path))
+    same, report = train_estimator(VFA, n_steps=5, seed=1, pool=vfa_pool, learning_rate=0.0,
+                                   init_weights=path, **FAST)
+    assert report.initialised_from == "first.safetensors"
+    a, b = first.state_dict(), same.state_dict()
+    linear = [k for k in a if k.endswith(".weight") and a[k].ndim == 2]
+    assert linear and all(torch.equal(a[k], b[k]) for k in linear)
+    fresh, fresh_report = train_estimator(VFA, n_steps=5, seed=1, pool=vfa_pool,
+                                          learning_rate=0.0, **FAST)
+    assert fresh_report.initialised_from is None
+    assert not all(torch.equal(a[k], fresh.state_dict()[k]) for k in linear)
+
+
 def test_unidentifiable_protocols_are_rejected() -> None:
     with pytest.raises(BadDataError, match="cannot determine"):
         make_pool(VFAModel([10.0], 0.015), VFA.default_prior(), 256, seed=0)
