@@ -36,7 +36,7 @@ _ESTIMATOR_NAMES = {"nlls": "non-linear least squares", "dict": "dictionary matc
 MAPPING_BASE_GB = 0.45
 #: bytes per data value (voxels x members or time points) beyond the base, by estimation model;
 #: others hold ~16 float64 copies of the data
-MAPPING_BYTES_PER_VALUE = {"mese-epg": 2700, "mrf": 256}
+MAPPING_BYTES_PER_VALUE = {"mese-epg": 1000, "mrf": 160}
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,9 @@ class CollectionPlan:
     def mem_gb(self) -> float:
         """Memory of the mapping node: interpreter and torch plus a number of bytes per data
         value that depends on the estimation model (EPG fits hold their echo states and
-        Jacobians). Calibrated on the demo with ``--resource-monitor``: declared / measured
-        peak VFA 0.51 / 0.43 GB, IRT1 0.52-0.57 / 0.48-0.56 GB, MESE (EPG) 2.0 / 1.6-2.0 GB,
-        MRF 1.37 / 1.39 GB."""
+        Jacobians). Calibrated on the demo with ``--resource-monitor`` (2026-12-02, exact EPG
+        Jacobians, CRB maps in bounded chunks): measured peak VFA 0.40 GB (declared 0.46),
+        IRT1 0.50 (0.52), MESE-EPG 0.80 (now 1.02, was 1.99), MRF 0.77 (now 1.03, was 1.37)."""
         model = self.network.model_name if self.network is not None else self.model_name
         per_value = MAPPING_BYTES_PER_VALUE.get(model, 128)
         values = int(np.prod(self.shape)) * self.signal_length
