@@ -11,8 +11,8 @@ For each demo protocol (VFA, IRT1, MESE of ds-real; MRF with ``--mrf``):
 * speed in voxels/s of the network (``estimate_maps``: all maps incl. the M0 least squares) and
   of NLLS, measured in the same run with ``torch.set_num_threads(2)``.
 
-Writes markdown to stdout and JSON to ``benchmarks/qmri/results/estimators.json``.
-Timings on a shared 2-core machine are pessimistic.
+Writes markdown to stdout and JSON to ``benchmarks/qmri/results/estimators.json``
+(``throughput.json`` with ``--speed-only``). Timings are only as good as the machine is idle.
 
     python benchmarks/qmri/bench_estimators.py [--models vfa irt1 mese-mono] [--n-rep 100]
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -195,8 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(2)
-    results = {"hardware": f"{platform.processor() or platform.machine()}, torch threads 2 "
-                           "(shared 2-core machine: timings pessimistic)",
+    results = {"hardware": f"{platform.processor() or platform.machine()}, "
+                           f"{os.cpu_count()} CPU cores, torch threads 2",
                "torch_version": torch.__version__, "n_rep": args.n_rep, "models": {}}
     if args.speed_only and args.out == DEFAULT_OUT:
         args.out = str(HERE / "results" / "throughput.json")

@@ -518,9 +518,11 @@ class NodeProgress:
             what = "FAILED"
         elif record.status == "cached":
             what = "cached"
-        else:
-            what = "done" + ("" if record.duration_s is None
-                             else f" in {record.duration_s:.0f} s")
+        elif record.duration_s is None:
+            what = "done"
+        else:  # sub-second nodes (the sinks, a small image's CNN) would all read "0 s"
+            d = record.duration_s
+            what = f"done in {d:.1f} s" if d < 10 else f"done in {d:.0f} s"
         LOGGER.info("[%d/%d] %s %s", self.done, self.total, _readable_node(record.name), what)
 
 

@@ -236,6 +236,6 @@ def test_progress_lines_follow_the_timer_records(caplog):
         timer(old, "end")
         timer(_Node("_ds_maps0"), "end")
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
-    assert lines == ["[1/3] sub-01 qmri_03_MRF map done in 3 s",
+    assert lines == ["[1/3] sub-01 qmri_03_MRF map done in 3.0 s",
                      "[2/3] sub-01 ds_qmri_03_MRF ds_maps done",
                      "[3/3] sub-01 anat_00_T1w_bias cnn cached"]
