@@ -72,8 +72,8 @@ def estimate_maps(
     relative B1+ ``[...]`` for networks with a B1 input (ignored otherwise; 1 when None).
     Voxels outside ``mask`` or with non-finite data/B1 are NaN. Quantities derived from the
     parameters (MEGRE's T2*) are the model's ``derived_maps``. ``chunk``: voxels per batch
-    (default 2048 on the CPU, where a batch's activations then stay in cache: 2-3x the
-    throughput of 65536-voxel batches on the demo networks; 65536 on a GPU).
+    (default 2048 on the CPU, where a batch's activations then stay in cache: 1.7-2.5x the
+    throughput of 65536-voxel batches on the demo networks, one thread; 65536 on a GPU).
     """
     y = _as_tensor(data)
     if y.ndim < 1 or y.shape[-1] != net.config.n_inputs:
