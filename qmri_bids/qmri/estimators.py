@@ -208,14 +208,12 @@ class NllsEstimator(Estimator):
 
     def fit(self, model: SignalModel, data: np.ndarray, *, mask: np.ndarray,
             b1: np.ndarray | None, noise: float | None) -> MapSet:
-        from qmri_bids.qmri.crb import jacobian_mode
         from qmri_bids.qmri.nlls import fit_nlls
 
         # Chunks keep the Jacobians of long signals (MRF: 1000 real outputs per voxel) within
-        # memory; the Jacobian mode is the one the CRB uses for the same model.
+        # memory; fit_nlls differentiates as the CRB does for the same model ("auto").
         n_out = data.shape[-1] * (2 if np.iscomplexobj(data) else 1)
         chunk = max(64, int(2**22 // max(n_out * model.n_parameters, 1)))
-        mode = jacobian_mode(model, model.n_parameters)
         index = np.flatnonzero(mask.reshape(-1))
         flat = data.reshape(-1, data.shape[-1])
         flat_b1 = None if b1 is None else b1.reshape(-1)
@@ -225,8 +223,7 @@ class NllsEstimator(Estimator):
                               unit="chunks"):
             sel = index[start:start + chunk]
             fit = fit_nlls(model, torch.as_tensor(flat[sel]),
-                           b1=None if flat_b1 is None else torch.as_tensor(flat_b1[sel]),
-                           jacobian_mode=mode)
+                           b1=None if flat_b1 is None else torch.as_tensor(flat_b1[sel]))
             params[sel] = fit.params.detach().cpu().numpy()
             converged[sel] = fit.converged.cpu().numpy()
         values = {n: params[:, i].reshape(mask.shape) for i, n in enumerate(model.parameter_names)}

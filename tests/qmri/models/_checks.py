@@ -13,12 +13,23 @@ import numpy as np
 import torch
 
 from qmri_bids.qmri.base import CLOSED_FORM, SignalModel
-from qmri_bids.qmri.crb import crb
+from qmri_bids.qmri.crb import crb, model_jacobian
 from qmri_bids.qmri.estimators import ESTIMATORS
 from qmri_bids.qmri.model_store import protocol_hash
 from qmri_bids.qmri.models import MODELS
 
 F64 = torch.float64
+
+
+def assert_exact_jacobian(model: SignalModel, params: torch.Tensor, b1: torch.Tensor | None,
+                          shape: tuple[int, ...], atol: float = 1e-9) -> None:
+    """The model's own Jacobian (mode ``model``: the CRB maps and NLLS use it) equals
+    ``torch.func.jacfwd`` through the simulation, signal and Jacobian alike."""
+    s, jac = model_jacobian(model, params, b1, mode="model")
+    s_ad, jac_ad = model_jacobian(model, params, b1, mode="fwd")
+    assert jac.shape == shape
+    torch.testing.assert_close(s, s_ad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(jac, jac_ad, rtol=1e-9, atol=atol)
 
 
 class ModelChecks:
